@@ -1,0 +1,26 @@
+"""gradwatch: see and guard the gradients of deep-network training.
+
+Public API: `watch`, `Watcher`, `WatchConfig`, `open_run`, `Run`, `Finding`, `Event`, `guards`.
+"""
+
+from __future__ import annotations
+
+from gradwatch import guards
+from gradwatch.detect.findings import Finding
+from gradwatch.guards.base import Event
+from gradwatch.store import Run, open_run
+from gradwatch.watcher import WatchConfig, Watcher, watch
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Event",
+    "Finding",
+    "Run",
+    "WatchConfig",
+    "Watcher",
+    "__version__",
+    "guards",
+    "open_run",
+    "watch",
+]

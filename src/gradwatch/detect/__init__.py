@@ -1,0 +1,1 @@
+"""Diagnosis: statistics blocks in, findings out."""

@@ -1,0 +1,100 @@
+"""Device-side block buffer for step statistics, and its asynchronous copy to the host.
+
+The buffer holds `rows` steps of float32 statistics of a fixed trailing shape (tensors x stats,
+modules x stats, or scalars). Steps write rows on the device; a flush hands the filled rows to the
+host with one copy and resets them to NaN. Device memory: rows x prod(shape) x 4 bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class HostCopy:
+    """A device-to-host copy in flight; `wait()` blocks until it lands (never in the step path)."""
+
+    tensor: Tensor
+    done: torch.cuda.Event | None
+
+    def wait(self) -> np.ndarray:
+        if self.done is not None:
+            self.done.synchronize()
+        return self.tensor.numpy()
+
+
+class BlockBuffer:
+    """`rows` x `shape` float32 statistics on `device`, NaN where nothing was recorded.
+
+    The last axis of `shape` may grow with `grow()` (new scalar names appear while training).
+    """
+
+    def __init__(self, rows: int, shape: tuple[int, ...], device: torch.device) -> None:
+        self.data = torch.full((rows, *shape), torch.nan, dtype=torch.float32, device=device)
+
+    @property
+    def rows(self) -> int:
+        return self.data.shape[0]
+
+    def grow(self, size: int) -> None:
+        """Widen the last axis to at least `size`, keeping what was recorded (rare: allocates)."""
+        width = self.data.shape[-1]
+        if size <= width:
+            return
+        wider = torch.full(
+            (*self.data.shape[:-1], max(size, 2 * width)),
+            torch.nan,
+            dtype=self.data.dtype,
+            device=self.data.device,
+        )
+        wider[..., :width] = self.data
+        self.data = wider
+
+    def take(self, n: int, width: int | None = None) -> HostCopy:
+        """Start copying the first `n` rows (and `width` columns of the last axis) to the host, then
+        reset the buffer to NaN. Stream order makes the reset wait for the copy; nothing syncs."""
+        block = self.data[:n] if width is None else self.data[:n, ..., :width]
+        if self.data.device.type == "cuda":
+            host = torch.empty(block.shape, dtype=block.dtype, pin_memory=True)
+            host.copy_(block, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+        else:
+            host, done = block.clone(), None
+        self.data.fill_(torch.nan)
+        return HostCopy(host, done)
+
+
+@dataclass(frozen=True, slots=True)
+class StatsBlock:
+    """The statistics of consecutive recorded steps, on the host: what a flush hands on.
+
+    `tensor_data` is [steps, tensors, len(tensor_stats)], `module_data` [steps, modules,
+    len(module_stats)] and `scalar_data` [steps, len(scalar_names)]; NaN marks "not recorded".
+    """
+
+    steps: np.ndarray
+    tensor_stats: tuple[str, ...]
+    tensor_data: np.ndarray
+    module_stats: tuple[str, ...]
+    module_data: np.ndarray
+    scalar_names: tuple[str, ...]
+    scalar_data: np.ndarray
+
+    def tensor_series(self, name: str) -> np.ndarray:
+        """[steps, tensors] values of one per-tensor statistic."""
+        return self.tensor_data[:, :, self.tensor_stats.index(name)]
+
+    def module_series(self, name: str) -> np.ndarray:
+        """[steps, modules] values of one per-module statistic."""
+        return self.module_data[:, :, self.module_stats.index(name)]
+
+    def scalar(self, name: str) -> np.ndarray:
+        """[steps] values of one scalar; NaN everywhere if it was not logged in this block."""
+        if name not in self.scalar_names:
+            return np.full(len(self.steps), np.nan, dtype=np.float32)
+        return self.scalar_data[:, self.scalar_names.index(name)]

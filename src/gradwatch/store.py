@@ -1,0 +1,400 @@
+"""The run store: one SQLite database (WAL mode) per run, written by a thread, read by `Run`.
+
+Layout: `meta` (JSON values), `tensors` and `modules` (the inventory, in order), `blocks` (one row
+per flush: the steps and the statistics as compressed float32 arrays, never one row per number),
+`findings` and `events`. Every flushed block is committed in its own transaction before the next
+one, so a killed process leaves a store that opens and holds every committed block. Nothing is
+pickled: arrays are raw little-endian float32/int64 bytes, records are JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import sqlite3
+import threading
+import zlib
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gradwatch.detect.findings import Finding
+from gradwatch.guards.base import Event
+from gradwatch.stats.buffer import HostCopy, StatsBlock
+
+logger = logging.getLogger("gradwatch")
+
+STORE_NAME = "run.sqlite"
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS tensors (
+    idx INTEGER PRIMARY KEY, name TEXT NOT NULL, module TEXT NOT NULL,
+    shape TEXT NOT NULL, dtype TEXT NOT NULL, numel INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS modules (
+    idx INTEGER PRIMARY KEY, name TEXT NOT NULL, type TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS blocks (
+    id INTEGER PRIMARY KEY, first_step INTEGER NOT NULL, n_steps INTEGER NOT NULL,
+    steps BLOB NOT NULL,
+    tensor_stats TEXT NOT NULL, tensor_data BLOB NOT NULL,
+    module_stats TEXT NOT NULL, module_data BLOB NOT NULL,
+    scalar_names TEXT NOT NULL, scalar_data BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS findings (
+    key TEXT PRIMARY KEY, kind TEXT NOT NULL, layer TEXT NOT NULL, step INTEGER NOT NULL,
+    last_step INTEGER, severity TEXT NOT NULL, message TEXT NOT NULL, evidence TEXT NOT NULL,
+    remedy TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY, kind TEXT NOT NULL, step INTEGER NOT NULL, guard TEXT NOT NULL,
+    detail TEXT NOT NULL);
+"""
+
+
+def store_path(run_dir: str | Path) -> Path:
+    """The database file of a run directory (or the file itself, if given)."""
+    path = Path(run_dir)
+    return path if path.suffix == ".sqlite" else path / STORE_NAME
+
+
+def _pack(array: np.ndarray, dtype: str) -> bytes:
+    return zlib.compress(np.ascontiguousarray(array, dtype=dtype).tobytes(), 1)
+
+
+def _unpack(blob: bytes, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
+    return np.frombuffer(zlib.decompress(blob), dtype=dtype).reshape(shape)
+
+
+def _finding_key(f: Finding) -> str:
+    # One row per (kind, layer, first step): a finding that is extended keeps its key.
+    return f"{f.kind}|{f.layer}|{f.step}"
+
+
+class RunWriter:
+    """Creates a run store and commits to it from a background thread, in submission order.
+
+    Creating it validates the path in the caller's thread (so a bad run_dir fails at `watch()`);
+    all later writes happen in the writer thread. `block_listeners` run in that thread on each
+    committed block (detectors, sinks): the training step never waits for them.
+    """
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.path = store_path(run_dir)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():
+            raise FileExistsError(
+                f"run_dir {str(self.path.parent)!r} already holds a gradwatch run; "
+                "pass a new run_dir or delete the old run first"
+            )
+        conn = sqlite3.connect(self.path)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.executescript(_SCHEMA)
+            conn.execute(
+                "INSERT INTO meta VALUES ('schema_version', ?)", (json.dumps(SCHEMA_VERSION),)
+            )
+            conn.commit()
+        finally:
+            conn.close()
+        self.block_listeners: list[Callable[[StatsBlock], None]] = []
+        self.error: BaseException | None = None
+        self._queue: queue.Queue[tuple[Callable[..., None], tuple[Any, ...]] | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="gradwatch-writer", daemon=True)
+        self._thread.start()
+
+    # Called from the training thread: each call only enqueues.
+    def write_meta(self, meta: dict[str, Any]) -> None:
+        self._submit(self._insert_meta, meta)
+
+    def write_inventory(self, tensors: Iterable[Any], modules: Iterable[tuple[str, str]]) -> None:
+        self._submit(self._insert_inventory, list(tensors), list(modules))
+
+    def write_block(
+        self,
+        steps: list[int],
+        tensor_stats: tuple[str, ...],
+        tensor_copy: HostCopy,
+        module_stats: tuple[str, ...],
+        module_copy: HostCopy,
+        scalar_names: tuple[str, ...],
+        scalar_copy: HostCopy,
+    ) -> None:
+        self._submit(
+            self._insert_block,
+            steps,
+            tensor_stats,
+            tensor_copy,
+            module_stats,
+            module_copy,
+            scalar_names,
+            scalar_copy,
+        )
+
+    def write_findings(self, findings: Iterable[Finding]) -> None:
+        self._submit(self._upsert_findings, list(findings))
+
+    def write_events(self, events: Iterable[Event]) -> None:
+        self._submit(self._insert_events, list(events))
+
+    def drain(self) -> None:
+        """Wait until everything submitted so far is committed."""
+        self._queue.join()
+
+    def close(self) -> None:
+        """Commit what is queued, stop the thread, and raise the first write error, if any."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        if self.error is not None:
+            raise RuntimeError(
+                f"gradwatch could not write the run store {self.path}"
+            ) from self.error
+
+    def _submit(self, fn: Callable[..., None], *args: Any) -> None:
+        if not self._thread.is_alive():
+            raise RuntimeError(f"the run store {self.path} is closed")
+        self._queue.put((fn, args))
+
+    # Everything below runs in the writer thread.
+    def _run(self) -> None:
+        conn = sqlite3.connect(self.path)
+        conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: a killed process loses no commit
+        try:
+            while (item := self._queue.get()) is not None:
+                fn, args = item
+                try:
+                    with conn:
+                        fn(conn, *args)
+                except Exception as exc:  # keep training alive; close() reports it
+                    if self.error is None:
+                        logger.error("gradwatch: writing the run store failed: %s", exc)
+                        self.error = exc
+                finally:
+                    self._queue.task_done()
+        finally:
+            self._queue.task_done()
+            conn.close()
+
+    def _insert_meta(self, conn: sqlite3.Connection, meta: dict[str, Any]) -> None:
+        conn.executemany(
+            "INSERT OR REPLACE INTO meta VALUES (?, ?)",
+            [(k, json.dumps(v, default=str)) for k, v in meta.items()],
+        )
+
+    def _insert_inventory(
+        self, conn: sqlite3.Connection, tensors: list[Any], modules: list[tuple[str, str]]
+    ) -> None:
+        conn.executemany(
+            "INSERT INTO tensors VALUES (?, ?, ?, ?, ?, ?)",
+            [
+                (i, t.name, t.module, json.dumps(t.shape), t.dtype, t.numel)
+                for i, t in enumerate(tensors)
+            ],
+        )
+        conn.executemany(
+            "INSERT INTO modules VALUES (?, ?, ?)",
+            [(i, name, kind) for i, (name, kind) in enumerate(modules)],
+        )
+
+    def _insert_block(
+        self,
+        conn: sqlite3.Connection,
+        steps: list[int],
+        tensor_stats: tuple[str, ...],
+        tensor_copy: HostCopy,
+        module_stats: tuple[str, ...],
+        module_copy: HostCopy,
+        scalar_names: tuple[str, ...],
+        scalar_copy: HostCopy,
+    ) -> None:
+        block = StatsBlock(
+            steps=np.asarray(steps, dtype=np.int64),
+            tensor_stats=tensor_stats,
+            tensor_data=tensor_copy.wait(),
+            module_stats=module_stats,
+            module_data=module_copy.wait(),
+            scalar_names=scalar_names,
+            scalar_data=scalar_copy.wait(),
+        )
+        conn.execute(
+            "INSERT INTO blocks (first_step, n_steps, steps, tensor_stats, tensor_data, "
+            "module_stats, module_data, scalar_names, scalar_data) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                int(block.steps[0]),
+                len(block.steps),
+                _pack(block.steps, "<i8"),
+                json.dumps(block.tensor_stats),
+                _pack(block.tensor_data, "<f4"),
+                json.dumps(block.module_stats),
+                _pack(block.module_data, "<f4"),
+                json.dumps(block.scalar_names),
+                _pack(block.scalar_data, "<f4"),
+            ),
+        )
+        conn.commit()  # the block is durable before any listener sees it
+        for listener in self.block_listeners:
+            try:
+                listener(block)
+            except Exception:  # a failing detector or sink must not stop the store
+                logger.exception(
+                    "gradwatch: %r failed on the block at step %d", listener, block.steps[0]
+                )
+
+    def _upsert_findings(self, conn: sqlite3.Connection, findings: list[Finding]) -> None:
+        conn.executemany(
+            "INSERT OR REPLACE INTO findings VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (
+                    _finding_key(f),
+                    f.kind,
+                    f.layer,
+                    f.step,
+                    f.last_step,
+                    f.severity,
+                    f.message,
+                    json.dumps(f.evidence, default=float),
+                    f.remedy,
+                )
+                for f in findings
+            ],
+        )
+
+    def _insert_events(self, conn: sqlite3.Connection, events: list[Event]) -> None:
+        conn.executemany(
+            "INSERT INTO events (kind, step, guard, detail) VALUES (?, ?, ?, ?)",
+            [(e.kind, e.step, e.guard, json.dumps(e.detail, default=float)) for e in events],
+        )
+
+
+class Run:
+    """Read-only view of a run store; works while the run is still being written.
+
+    The view is a snapshot of the blocks committed when it was opened (so `steps` and every
+    `series` stay aligned); `refresh()` takes in the blocks committed since.
+    """
+
+    def __init__(self, run_dir: str | Path) -> None:
+        path = store_path(run_dir)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{str(run_dir)!r} is not a gradwatch run: no {STORE_NAME} in it"
+            )
+        self.path = path
+        try:
+            self._conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+            self._conn.execute("SELECT 1 FROM meta LIMIT 1")
+        except sqlite3.DatabaseError as exc:
+            raise ValueError(f"{str(path)!r} is not a readable gradwatch run store: {exc}") from exc
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Take in the blocks committed since this view was opened or last refreshed."""
+        row = self._conn.execute("SELECT COALESCE(MAX(id), 0) FROM blocks").fetchone()
+        self._last_block = int(row[0])
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """Run metadata: config, model summary, versions, what was not watched and why."""
+        return {k: json.loads(v) for k, v in self._conn.execute("SELECT key, value FROM meta")}
+
+    @property
+    def tensors(self) -> list[str]:
+        """Watched parameter names, in model order (the columns of per-tensor series)."""
+        return [r[0] for r in self._conn.execute("SELECT name FROM tensors ORDER BY idx")]
+
+    @property
+    def modules(self) -> list[str]:
+        """Probed module names (qualified), in forward order (the columns of per-module series)."""
+        return [r[0] for r in self._conn.execute("SELECT name FROM modules ORDER BY idx")]
+
+    @property
+    def steps(self) -> np.ndarray:
+        """Recorded optimizer steps (0-based), ascending."""
+        rows = self._blocks("n_steps, steps")
+        parts = [_unpack(blob, "<i8", (n,)) for n, blob in rows]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+    def series(self, name: str) -> np.ndarray:
+        """One statistic aligned with `steps`: [steps, tensors], [steps, modules] or [steps].
+
+        NaN where the statistic was not recorded at a step (off a probe step, a None gradient).
+        """
+        from gradwatch.stats.grads import TENSOR_STATS  # the vocabulary, defined once
+
+        if name in TENSOR_STATS:
+            return self._matrix(name, "tensor", len(self.tensors))
+        if name in self._module_stat_names():
+            return self._matrix(name, "module", len(self.modules))
+        parts = []
+        for n, names, blob in self._blocks("n_steps, scalar_names, scalar_data"):
+            names = json.loads(names)
+            data = _unpack(blob, "<f4", (n, len(names)))
+            column = data[:, names.index(name)] if name in names else np.full(n, np.nan, "<f4")
+            parts.append(column)
+        if not any(name in json.loads(r[0]) for r in self._blocks("scalar_names")):
+            raise KeyError(
+                f"no statistic or scalar named {name!r} in this run; per-tensor: "
+                f"{', '.join(TENSOR_STATS)}; scalars: {', '.join(self.scalar_names) or 'none'}"
+            )
+        return np.concatenate(parts)
+
+    @property
+    def scalar_names(self) -> list[str]:
+        """Names of the per-step scalars: `global_grad_norm` and whatever `w.log` received."""
+        names: dict[str, None] = {}
+        for (row,) in self._blocks("scalar_names"):
+            names.update(dict.fromkeys(json.loads(row)))
+        return list(names)
+
+    @property
+    def findings(self) -> list[Finding]:
+        rows = self._conn.execute(
+            "SELECT kind, layer, step, severity, message, evidence, remedy, last_step "
+            "FROM findings ORDER BY step, kind, layer"
+        )
+        return [
+            Finding(kind, layer, step, severity, message, json.loads(evidence), remedy, last)
+            for kind, layer, step, severity, message, evidence, remedy, last in rows
+        ]
+
+    @property
+    def events(self) -> list[Event]:
+        rows = self._conn.execute("SELECT kind, step, guard, detail FROM events ORDER BY id")
+        return [Event(kind, step, guard, json.loads(detail)) for kind, step, guard, detail in rows]
+
+    def _blocks(self, columns: str) -> list[tuple[Any, ...]]:
+        return self._conn.execute(
+            f"SELECT {columns} FROM blocks WHERE id <= ? ORDER BY id", (self._last_block,)
+        ).fetchall()
+
+    def _module_stat_names(self) -> set[str]:
+        return {s for (row,) in self._blocks("module_stats") for s in json.loads(row)}
+
+    def _matrix(self, name: str, kind: str, width: int) -> np.ndarray:
+        parts = []
+        for n, stats, blob in self._blocks(f"n_steps, {kind}_stats, {kind}_data"):
+            stats = json.loads(stats)
+            data = _unpack(blob, "<f4", (n, width, len(stats)))
+            parts.append(
+                data[:, :, stats.index(name)]
+                if name in stats
+                else np.full((n, width), np.nan, "<f4")
+            )
+        return np.concatenate(parts) if parts else np.zeros((0, width), dtype=np.float32)
+
+
+def open_run(run_dir: str | Path) -> Run:
+    """Open a run store read-only (also while it is being written). Reading never runs code."""
+    return Run(run_dir)

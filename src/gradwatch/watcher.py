@@ -1,0 +1,392 @@
+"""`gw.watch()`: the story of one training step, told by the hooks gradwatch attaches.
+
+optimizer.step()
+  step pre-hook   the gradient statistics of this step go into a device buffer row; on probe steps
+                  the parameters are copied (θ_before)
+  (update)
+  step post-hook  on probe steps ‖θ_after − θ_before‖ / ‖θ_before‖; the step counter moves on
+every `flush_every` recorded steps the buffer goes to the host with one copy, and the writer thread
+commits it to the run store. Nothing in the step path waits for the host.
+"""
+
+from __future__ import annotations
+
+import atexit
+import datetime
+import logging
+import platform
+import sqlite3
+import sys
+import warnings
+import weakref
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from gradwatch.detect.findings import Finding
+from gradwatch.inventory import Inventory
+from gradwatch.sinks.base import Sink
+from gradwatch.stats.buffer import BlockBuffer
+from gradwatch.stats.grads import TENSOR_STATS, GradStatistics
+from gradwatch.store import RunWriter
+
+logger = logging.getLogger("gradwatch")
+
+GLOBAL_GRAD_NORM = "global_grad_norm"
+_watched_models: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+
+@dataclass(frozen=True)
+class WatchConfig:
+    """The knobs of `watch()`, with what each costs.
+
+    every: record gradient statistics every `every` optimizer steps. Cost per recorded step: two
+        passes over the gradients (`grad_norm`, `grad_max`) and a few small kernels.
+    probe_every: every `probe_every` steps is a probe step that also records `grad_nonfinite`,
+        `param_norm` and `update_ratio`: one copy of the parameters held during `optimizer.step()`
+        and about four more passes. None turns probe steps off.
+    flush_every: recorded steps per block. Device memory: flush_every x tensors x 5 x 4 bytes; one
+        device-to-host copy and one committed database transaction per block. A killed process
+        loses at most the steps since the last flush.
+    """
+
+    run_dir: str
+    every: int = 1
+    probe_every: int | None = 10
+    flush_every: int = 50
+
+    def __post_init__(self) -> None:
+        for name in ("every", "flush_every", "probe_every"):
+            value = getattr(self, name)
+            if name == "probe_every" and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                hint = " (or None to turn probe steps off)" if name == "probe_every" else ""
+                raise ValueError(f"{name} must be an int >= 1{hint}, got {value!r}")
+
+
+class Watcher:
+    """Watches the gradients of one model; returned by `gw.watch()`. Use it as a context manager.
+
+    Without an optimizer, call `step()` after each update; with one, gradwatch counts steps inside
+    `optimizer.step()`. `log(**scalars)` attaches scalars to the current step, `findings()` lists
+    what was diagnosed, `close()` flushes and removes every hook.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+        config: WatchConfig,
+        sinks: Sequence[Sink] = (),
+    ) -> None:
+        _check_model_and_optimizer(model, optimizer)
+        self.model = model
+        self.optimizer = optimizer
+        self.config = config
+        self.inventory = Inventory(model)
+        try:
+            self._writer = RunWriter(config.run_dir)
+        except (OSError, sqlite3.Error) as exc:
+            if isinstance(exc, FileExistsError):
+                raise
+            raise OSError(
+                f"run_dir {config.run_dir!r} cannot be written ({exc}); "
+                "pass a run_dir in a directory you can write to"
+            ) from exc
+        self.run_dir = Path(config.run_dir)
+        self._sinks = list(sinks)
+        self._findings: list[Finding] = []
+        self._statistics = GradStatistics(self.inventory)
+        rows, device = config.flush_every, self.inventory.device
+        self._tensor_rows = BlockBuffer(
+            rows, (len(self.inventory.tensors), len(TENSOR_STATS)), device
+        )
+        self._module_rows = BlockBuffer(rows, (0, 0), device)
+        self._scalar_rows = BlockBuffer(rows, (8,), device)
+        self._scalar_names: list[str] = [GLOBAL_GRAD_NORM]
+        self._block_steps: list[int] = []  # the step of each filled buffer row, host side
+        self._step = 0
+        self._snapshot: list[list[Tensor]] | None = None
+        self._hooks: list[Any] = []
+        self._closed = False
+
+        self._writer.write_meta(self._meta())
+        self._writer.write_inventory(self.inventory.tensors, [])
+        self._writer.block_listeners.extend(self._sink_listener(s) for s in self._sinks)
+        self._attach()
+        _watched_models.add(model)
+        atexit.register(self._close_at_exit)
+
+    # ---- public API --------------------------------------------------------------------------
+    @property
+    def step_count(self) -> int:
+        """Optimizer steps completed since `watch()`."""
+        return self._step
+
+    def step(self) -> None:
+        """Mark the end of one update when watching without an optimizer (`gw.watch(model)`).
+
+        Records the statistics of the gradients as they are now. No host sync.
+        """
+        self._check_open()
+        if self.optimizer is not None:
+            raise RuntimeError(
+                "Watcher.step() is for gw.watch(model) without an optimizer; this watcher counts "
+                "steps inside optimizer.step() already, so remove the call"
+            )
+        if self._records(self._step):
+            self._record_grads(self._step)
+            if self._snapshot is not None and self._probes(self._step):
+                self._record_update()
+        self._step += 1
+        self._snapshot = None
+        if self._probes(self._step):  # θ now is θ_before of the next (probe) step
+            self._snapshot = self._statistics.snapshot_params()
+
+    def log(self, **scalars: float | Tensor) -> None:
+        """Attach scalars (loss, lr, ...) to the current step: with an optimizer, the step that
+        `optimizer.step()` last completed (call `log` after it); without one, the step that the
+        next `step()` closes. One-element tensors stay on the device: no host sync.
+        Scalars of steps that are not recorded (see `every`) are dropped.
+        """
+        self._check_open()
+        target = self._step - 1 if self.optimizer is not None and self._step > 0 else self._step
+        if not self._records(target):
+            return
+        if self._block_steps and self._block_steps[-1] == target:
+            row = len(self._block_steps) - 1
+        elif target == self._step:
+            row = self._open_row(target)
+        else:
+            return  # that step's row was flushed already
+        for name, value in scalars.items():
+            column = self._scalar_column(name)
+            cell = self._scalar_rows.data[row, column]
+            if isinstance(value, Tensor):
+                if value.numel() != 1:
+                    raise ValueError(
+                        f"log({name}=...) needs a scalar or a one-element tensor, "
+                        f"got a tensor of shape {tuple(value.shape)}"
+                    )
+                cell.copy_(value.detach().reshape(()), non_blocking=True)
+            else:
+                cell.fill_(float(value))
+
+    def findings(self) -> list[Finding]:
+        """The findings diagnosed so far (all of them once the watcher is closed)."""
+        return list(self._findings)
+
+    def flush(self) -> None:
+        """Hand the recorded steps to the run store now (also done every `flush_every` steps)."""
+        self._check_open()
+        self._flush()
+
+    def close(self) -> None:
+        """Flush, wait until the store holds everything, and remove every hook. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        atexit.unregister(self._close_at_exit)
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
+        self._snapshot = None
+        _watched_models.discard(self.model)
+        try:
+            self._flush()
+            self._writer.write_meta({"closed": True, "steps_completed": self._step})
+        finally:
+            self._writer.close()
+            for sink in self._sinks:
+                sink.close()
+
+    def __enter__(self) -> Watcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- the step path -----------------------------------------------------------------------
+    def _attach(self) -> None:
+        if self.optimizer is not None:
+            self._hooks.append(self.optimizer.register_step_pre_hook(self._before_update))
+            self._hooks.append(self.optimizer.register_step_post_hook(self._after_update))
+        elif self._probes(0):
+            self._snapshot = self._statistics.snapshot_params()
+
+    def _before_update(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        step = self._step
+        if self._records(step):
+            self._record_grads(step)
+        if self._probes(step):
+            self._snapshot = self._statistics.snapshot_params()
+
+    def _after_update(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if self._snapshot is not None:
+            self._record_update()
+            self._snapshot = None
+        self._step += 1
+
+    def _record_grads(self, step: int) -> None:
+        row = self._open_row(step)
+        global_norm = self._statistics.record_grads(
+            self._tensor_rows.data[row], count_nonfinite=self._probes(step)
+        )
+        self._scalar_rows.data[row, 0].copy_(global_norm, non_blocking=True)
+
+    def _record_update(self) -> None:
+        assert self._snapshot is not None
+        row = len(self._block_steps) - 1
+        self._statistics.record_update(self._tensor_rows.data[row], self._snapshot)
+
+    def _records(self, step: int) -> bool:
+        return step % self.config.every == 0 or self._probes(step)
+
+    def _probes(self, step: int) -> bool:
+        return self.config.probe_every is not None and step % self.config.probe_every == 0
+
+    def _open_row(self, step: int) -> int:
+        """The buffer row of `step`, flushing a full buffer first."""
+        if self._block_steps and self._block_steps[-1] == step:
+            return len(self._block_steps) - 1
+        if len(self._block_steps) == self._tensor_rows.rows:
+            self._flush()
+        self._block_steps.append(step)
+        return len(self._block_steps) - 1
+
+    def _scalar_column(self, name: str) -> int:
+        if name not in self._scalar_names:
+            self._scalar_names.append(name)
+            self._scalar_rows.grow(len(self._scalar_names))
+        return self._scalar_names.index(name)
+
+    def _flush(self) -> None:
+        n = len(self._block_steps)
+        if n == 0:
+            return
+        self._writer.write_block(
+            list(self._block_steps),
+            TENSOR_STATS,
+            self._tensor_rows.take(n),
+            (),
+            self._module_rows.take(n),
+            tuple(self._scalar_names),
+            self._scalar_rows.take(n, width=len(self._scalar_names)),
+        )
+        self._block_steps.clear()
+
+    # ---- set-up helpers ----------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this Watcher is closed; call gw.watch() again to keep watching")
+
+    def _close_at_exit(self) -> None:
+        try:
+            self.close()
+        except Exception as exc:  # the interpreter is exiting: report, do not mask the exit
+            logger.error("gradwatch: closing the run at exit failed: %s", exc)
+
+    def _sink_listener(self, sink: Sink) -> Any:
+        tensors, modules = self.inventory.names, []
+        return lambda block: sink.write_block(block, tensors, modules)
+
+    def _meta(self) -> dict[str, Any]:
+        from gradwatch import __version__
+
+        model = self.model
+        return {
+            "config": asdict(self.config),
+            "model": {
+                "class": type(model).__name__,
+                "parameters": sum(p.numel() for p in model.parameters()),
+                "watched_parameters": sum(t.numel for t in self.inventory.tensors),
+                "repr": repr(model)[:20_000],
+            },
+            "optimizer": type(self.optimizer).__name__ if self.optimizer is not None else None,
+            "not_watched": self.inventory.skipped,
+            "device": str(self.inventory.device),
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            "versions": {
+                "gradwatch": __version__,
+                "torch": torch.__version__,
+                "python": sys.version.split()[0],
+                "platform": platform.platform(),
+            },
+        }
+
+
+def _check_model_and_optimizer(model: Any, optimizer: Any) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"watch() needs a torch.nn.Module as model, got {type(model).__name__}")
+    if model in _watched_models:
+        raise RuntimeError(
+            f"this {type(model).__name__} is already watched by an open Watcher; close it first"
+        )
+    trainable = {id(p): name for name, p in model.named_parameters() if p.requires_grad}
+    if not trainable:
+        raise ValueError(
+            f"the {type(model).__name__} has no trainable parameters (requires_grad=True): "
+            "there are no gradients to watch"
+        )
+    if optimizer is None:
+        return
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(
+            f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}"
+        )
+    owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    missing = [name for pid, name in trainable.items() if pid not in owned]
+    if len(missing) == len(trainable):
+        raise ValueError(
+            "the optimizer holds none of the model's parameters; build it from this model, "
+            "e.g. torch.optim.AdamW(model.parameters()), or pass the model it trains"
+        )
+    if missing:
+        shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+        warnings.warn(
+            f"{len(missing)} trainable parameters of the model are not in the optimizer "
+            f"({shown}); gradwatch watches them, but the optimizer does not update them",
+            stacklevel=3,
+        )
+
+
+def watch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    run_dir: str | Path | None = None,
+    every: int = 1,
+    probe_every: int | None = 10,
+    flush_every: int = 50,
+    guards: Iterable[Any] = (),
+    sinks: Iterable[Sink] = (),
+) -> Watcher:
+    """Watch the gradients of `model` while it trains; returns a `Watcher` (a context manager).
+
+    Args:
+        model: the module whose parameters are watched (trainable ones, in `named_parameters()`
+            order).
+        optimizer: the optimizer that updates them; gradwatch hooks its `step()`. Without one, call
+            `Watcher.step()` after each update.
+        run_dir: where the run store goes; a new directory. Default: `runs/<date-time>`.
+        every, probe_every, flush_every: the schedule, see `WatchConfig` for what each costs.
+        guards: guards applied to the gradients before each update, in order.
+        sinks: extra destinations for the statistics (the run store is always written).
+
+    Raises at call time (never mid-training) when the model, optimizer, run_dir or schedule is
+    unusable, with a message that says what to change.
+    """
+    if run_dir is None:
+        run_dir = Path("runs") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+    config = WatchConfig(
+        str(run_dir), every=every, probe_every=probe_every, flush_every=flush_every
+    )
+    guards = list(guards)
+    if guards:
+        raise NotImplementedError("guards are not available in this version of gradwatch yet")
+    return Watcher(model, optimizer, config, sinks=list(sinks))

@@ -1,0 +1,244 @@
+"""watch(): the step schedule, logging, bad input, no host sync, and leaving no trace."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import pickle
+import threading
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from conftest import small_mlp, train_step
+from torch import nn
+
+import gradwatch as gw
+
+
+def hook_count(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    module_hooks = sum(
+        len(m._forward_hooks)
+        + len(m._forward_pre_hooks)
+        + len(m._backward_hooks)
+        + len(getattr(m, "_backward_pre_hooks", {}))
+        for m in model.modules()
+    )
+    tensor_hooks = sum(len(p._backward_hooks or {}) for p in model.parameters())
+    optim_hooks = len(optimizer._optimizer_step_pre_hooks) + len(
+        optimizer._optimizer_step_post_hooks
+    )
+    return module_hooks + tensor_hooks + optim_hooks
+
+
+def test_every_and_probe_every_set_which_steps_are_recorded(tmp_path):
+    model = small_mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    with gw.watch(
+        model, optimizer, run_dir=tmp_path / "r", every=3, probe_every=4, flush_every=2
+    ) as w:
+        for _ in range(10):
+            train_step(model, optimizer)
+        assert w.step_count == 10
+    run = gw.open_run(tmp_path / "r")
+    np.testing.assert_array_equal(run.steps, [0, 3, 4, 6, 8, 9])
+    probed = ~np.isnan(run.series("update_ratio")).all(axis=1)
+    np.testing.assert_array_equal(run.steps[probed], [0, 4, 8])
+
+
+def test_probe_every_none_records_no_probe_statistics(tmp_path):
+    model = small_mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    with gw.watch(model, optimizer, run_dir=tmp_path / "r", probe_every=None):
+        for _ in range(3):
+            train_step(model, optimizer)
+    run = gw.open_run(tmp_path / "r")
+    assert np.isnan(run.series("param_norm")).all()
+    assert np.isfinite(run.series("grad_norm")).all()
+
+
+def test_log_attaches_scalars_to_the_step_just_taken(tmp_path):
+    model = small_mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    losses = []
+    with gw.watch(model, optimizer, run_dir=tmp_path / "r", flush_every=3) as w:
+        for step in range(7):
+            losses.append(train_step(model, optimizer).item())
+            w.log(loss=torch.tensor(losses[-1]), lr=0.01 * step)
+    run = gw.open_run(tmp_path / "r")
+    np.testing.assert_allclose(run.series("loss"), losses, rtol=1e-6)
+    np.testing.assert_allclose(run.series("lr"), 0.01 * np.arange(7), rtol=1e-6)
+    with pytest.raises(KeyError, match="accuracy"):
+        run.series("accuracy")
+
+
+def test_watch_without_optimizer_counts_calls_to_step(tmp_path):
+    model = small_mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    weights = [model[0].weight.detach().clone()]
+    with gw.watch(model, run_dir=tmp_path / "r", probe_every=1) as w:
+        for _ in range(3):
+            w.log(loss=1.5)
+            train_step(model, optimizer)
+            w.step()
+            weights.append(model[0].weight.detach().clone())
+        with pytest.raises(RuntimeError, match="already watched"):
+            gw.watch(model, run_dir=tmp_path / "r2")
+    run = gw.open_run(tmp_path / "r")
+    np.testing.assert_array_equal(run.steps, [0, 1, 2])
+    np.testing.assert_array_equal(run.series("loss"), [1.5, 1.5, 1.5])
+    column = run.tensors.index("0.weight")
+    expected = [
+        (torch.linalg.vector_norm(after - before) / torch.linalg.vector_norm(before)).item()
+        for before, after in itertools.pairwise(weights)
+    ]
+    np.testing.assert_allclose(run.series("update_ratio")[:, column], expected, rtol=1e-5)
+
+
+def test_step_with_an_optimizer_is_refused(tmp_path):
+    model = small_mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with (
+        gw.watch(model, optimizer, run_dir=tmp_path / "r") as w,
+        pytest.raises(RuntimeError, match=r"optimizer\.step"),
+    ):
+        w.step()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"model": "not a model"}, TypeError, "nn.Module as model, got str"),
+        ({"optimizer": "sgd"}, TypeError, "optimizer must be a torch.optim.Optimizer"),
+        ({"optimizer": "foreign"}, ValueError, "holds none of the model's parameters"),
+        ({"flush_every": 0}, ValueError, "flush_every must be an int >= 1, got 0"),
+        ({"every": 0}, ValueError, "every must be an int >= 1, got 0"),
+        ({"probe_every": -2}, ValueError, "probe_every must be an int >= 1"),
+    ],
+)
+def test_bad_input_fails_at_watch_with_a_message_that_names_it(tmp_path, kwargs, error, match):
+    model = small_mlp()
+    args = {"model": model, "optimizer": torch.optim.SGD(model.parameters(), lr=0.1)}
+    if kwargs.get("optimizer") == "foreign":
+        kwargs = {"optimizer": torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1)}
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        gw.watch(args.pop("model"), args.pop("optimizer"), run_dir=tmp_path / "r", **args)
+    assert not (tmp_path / "r").exists() or not kwargs.get("model")
+
+
+def test_unwritable_run_dir_fails_at_watch(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(OSError, match="cannot be written"):
+        gw.watch(small_mlp(), run_dir=blocker / "run")
+
+
+def test_existing_run_is_never_overwritten(tmp_path):
+    model = small_mlp()
+    gw.watch(model, run_dir=tmp_path / "r").close()
+    with pytest.raises(FileExistsError, match="already holds a gradwatch run"):
+        gw.watch(model, run_dir=tmp_path / "r")
+
+
+def test_optimizer_missing_some_parameters_warns_by_name(tmp_path):
+    model = small_mlp()
+    optimizer = torch.optim.SGD(model[0].parameters(), lr=0.1)
+    with pytest.warns(UserWarning, match=r"4 trainable parameters .*2\.weight"):
+        gw.watch(model, optimizer, run_dir=tmp_path / "r").close()
+
+
+def test_model_without_trainable_parameters_is_refused(tmp_path):
+    model = small_mlp().requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        gw.watch(model, run_dir=tmp_path / "r")
+
+
+class _HostSync(AssertionError):
+    pass
+
+
+@pytest.fixture
+def forbid_host_sync(monkeypatch):
+    """Make every host-syncing Tensor method raise when called from the training thread."""
+    main = threading.main_thread()
+
+    def forbid(name):
+        original = getattr(torch.Tensor, name)
+
+        def guarded(self, *args, **kwargs):
+            if threading.current_thread() is main:
+                raise _HostSync(f"Tensor.{name} called in the step path")
+            return original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, guarded)
+
+    for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__"):
+        forbid(name)
+
+
+def test_step_path_makes_no_host_sync(tmp_path, forbid_host_sync):
+    model = small_mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    w = gw.watch(model, optimizer, run_dir=tmp_path / "r", probe_every=2, flush_every=3)
+    for _ in range(7):  # probe steps, flushes and device-side logging included
+        loss = nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        w.log(loss=loss)
+    w.close()
+    assert len(gw.open_run(tmp_path / "r").steps) == 7
+
+
+def test_the_sync_check_itself_catches_a_sync(forbid_host_sync):
+    with pytest.raises(_HostSync):
+        torch.ones(2).sum().item()
+
+
+def test_close_removes_every_hook_and_leaves_the_model_as_it_was(tmp_path):
+    model = small_mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    hooks_before = hook_count(model, optimizer)
+    state_keys = list(model.state_dict())
+    w = gw.watch(model, optimizer, run_dir=tmp_path / "r")
+    assert hook_count(model, optimizer) > hooks_before
+    train_step(model, optimizer)
+    w.close()
+    w.close()  # idempotent
+    assert hook_count(model, optimizer) == hooks_before
+    assert list(model.state_dict()) == state_keys
+    pickle.loads(pickle.dumps(model))
+    copy.deepcopy(model)
+    with gw.watch(model, optimizer, run_dir=tmp_path / "again") as again:
+        train_step(model, optimizer)
+        assert again.step_count == 1
+    assert len(gw.open_run(tmp_path / "again").steps) == 1
+
+
+def test_closed_watcher_refuses_more_calls(tmp_path):
+    model = small_mlp()
+    w = gw.watch(model, run_dir=tmp_path / "r")
+    w.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        w.log(loss=1.0)
+
+
+def test_log_rejects_a_tensor_that_is_not_a_scalar(tmp_path):
+    model = small_mlp()
+    with gw.watch(model, run_dir=tmp_path / "r") as w, pytest.raises(ValueError, match="shape"):
+        w.log(loss=torch.ones(3))
+
+
+def test_compile_works_after_close(tmp_path):
+    model = small_mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    with gw.watch(model, optimizer, run_dir=tmp_path / "r"):
+        train_step(model, optimizer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compiled = torch.compile(model, backend="eager")
+    x = torch.randn(2, 6)
+    torch.testing.assert_close(compiled(x), model(x))
