@@ -44,11 +44,11 @@ _watched_models: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 class WatchConfig:
     """The knobs of `watch()`, with what each costs.
 
-    every: record gradient statistics every `every` optimizer steps. Cost per recorded step: two
-        passes over the gradients (`grad_norm`, `grad_max`) and a few small kernels.
-    probe_every: every `probe_every` steps is a probe step that also records `grad_nonfinite`,
-        `param_norm` and `update_ratio`: one copy of the parameters held during `optimizer.step()`
-        and about four more passes. None turns probe steps off.
+    every: record `grad_norm` and `global_grad_norm` every `every` optimizer steps. Cost per
+        recorded step: one pass over the gradients and a few small kernels.
+    probe_every: every `probe_every` steps is a probe step that also records `grad_max`,
+        `grad_nonfinite`, `param_norm` and `update_ratio`: one copy of the parameters held during
+        `optimizer.step()` and about five more passes. None turns probe steps off.
     flush_every: recorded steps per block. Device memory: flush_every x tensors x 5 x 4 bytes; one
         device-to-host copy and one committed database transaction per block. A killed process
         loses at most the steps since the last flush.
@@ -235,7 +235,7 @@ class Watcher:
     def _record_grads(self, step: int) -> None:
         row = self._open_row(step)
         global_norm = self._statistics.record_grads(
-            self._tensor_rows.data[row], count_nonfinite=self._probes(step)
+            self._tensor_rows.data[row], probe=self._probes(step)
         )
         self._scalar_rows.data[row, 0].copy_(global_norm, non_blocking=True)
 

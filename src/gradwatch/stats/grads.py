@@ -5,10 +5,13 @@ returns a float32 tensor with one value per input tensor on that device, and nev
 host. Statistics are accumulated in float32 whatever the parameter dtype, so bf16 and fp16 norms do
 not round away.
 
-The statistics and what each costs per step it runs (n = number of gradient or parameter elements):
+The statistics, when they run and what each costs (n = number of gradient or parameter elements).
+Only `grad_norm` runs every recorded step: it is the one pass over the gradients every monitor pays,
+and a NaN/Inf anywhere in a tensor makes its norm non-finite, so non-finite gradients show every
+step. The rest wait for probe steps (each further pass costs about 3% of an MLP step on 2 CPU cores).
 
-- `grad_norm`      ‖g‖₂, one pass over the gradients (the floor every gradient monitor pays).
-- `grad_max`       max |g|, one more pass over the gradients.
+- `grad_norm`      ‖g‖₂, one pass over the gradients; every recorded step.
+- `grad_max`       max |g|, one pass over the gradients; probe steps.
 - `grad_nonfinite` count of NaN/±Inf entries in g; one pass and a temporary of size n: probe steps.
 - `param_norm`     ‖θ‖₂ before the optimizer's update: probe steps only, read from the snapshot.
 - `update_ratio`   ‖θ_after − θ_before‖₂ / ‖θ_before‖₂ (NaN where θ_before = 0): probe steps only;
@@ -71,13 +74,14 @@ class GradStatistics:
         self.inventory = inventory
         self._index_cache: dict[tuple[torch.device, tuple[int, ...]], Tensor] = {}
 
-    def record_grads(self, row: Tensor, *, count_nonfinite: bool) -> Tensor:
-        """Fill `grad_norm`, `grad_max` (and `grad_nonfinite`) in `row`; return the global L2 norm.
+    def record_grads(self, row: Tensor, *, probe: bool) -> Tensor:
+        """Fill `grad_norm` (and on probe steps `grad_max`, `grad_nonfinite`) in `row`; return the
+        global L2 norm.
 
         The global norm is sqrt(Σ ‖g_i‖²) over the gradients present: the value `clip_grad_norm_`
         computes, taken before any guard acts. It is 0 when no parameter has a gradient.
         """
-        squares = []
+        partials = []
         for group in self.inventory.groups:
             present = [
                 (i, p.grad)
@@ -88,17 +92,19 @@ class GradStatistics:
                 continue
             index, grads = zip(*present, strict=True)
             norms = l2_norms(list(grads))
-            columns = [norms, max_abs(list(grads))]
-            if count_nonfinite:
-                columns.append(nonfinite_counts(list(grads)))
+            columns = [norms]
+            if probe:
+                columns += [max_abs(list(grads)), nonfinite_counts(list(grads))]
             values = torch.stack(columns, dim=1).to(row.device, non_blocking=True)
             row[:, GRAD_NORM : GRAD_NORM + len(columns)].index_copy_(
                 0, self._index(index, row.device), values
             )
-            squares.append(norms.square().sum().to(row.device, non_blocking=True))
-        if not squares:
+            partials.append(torch.linalg.vector_norm(norms).to(row.device, non_blocking=True))
+        if not partials:
             return torch.zeros((), device=row.device)
-        return torch.stack(squares).sum().sqrt()
+        return (
+            partials[0] if len(partials) == 1 else torch.linalg.vector_norm(torch.stack(partials))
+        )
 
     def snapshot_params(self) -> list[list[Tensor]]:
         """Copies of the watched parameters, one list per group: θ_before of this update."""

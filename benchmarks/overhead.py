@@ -1,0 +1,153 @@
+"""Step-time overhead of gradwatch on the three benchmark workloads, against the floors.
+
+Variants run interleaved in one process (their order rotates each round), each round timing
+`--steps` consecutive steps per variant; the table gives the median step time and its ratio to
+plain training. The floors are what any gradient monitor must pay: one `torch._foreach_norm` over
+all gradients, and `clip_grad_norm_` (a norm pass plus a scaling pass), as the core issue asks.
+
+    python benchmarks/overhead.py                 # CPU, all workloads -> results/overhead-cpu.md
+    python benchmarks/overhead.py --device cuda   # -> results/overhead-cuda.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from workloads import WORKLOADS, Workload  # noqa: E402
+
+import gradwatch as gw  # noqa: E402
+
+Variant = Callable[[Workload, Path], contextlib.AbstractContextManager[Callable[[], None] | None]]
+
+
+@contextlib.contextmanager
+def plain(work: Workload, tmp: Path) -> Iterator[None]:
+    yield None
+
+
+@contextlib.contextmanager
+def foreach_norm_floor(work: Workload, tmp: Path) -> Iterator[Callable[[], None]]:
+    params = list(work.model.parameters())
+    yield lambda: torch._foreach_norm([p.grad for p in params])
+
+
+@contextlib.contextmanager
+def clip_grad_norm_floor(work: Workload, tmp: Path) -> Iterator[Callable[[], None]]:
+    params = list(work.model.parameters())
+    yield lambda: torch.nn.utils.clip_grad_norm_(params, 1e6)
+
+
+def gradwatch_variant(**kwargs: object) -> Variant:
+    @contextlib.contextmanager
+    def variant(work: Workload, tmp: Path) -> Iterator[None]:
+        run_dir = tempfile.mkdtemp(dir=tmp)
+        with gw.watch(work.model, work.optimizer, run_dir=Path(run_dir) / "run", **kwargs) as w:
+            work.log = w.log  # type: ignore[attr-defined]
+            yield None
+        del work.log  # type: ignore[attr-defined]
+
+    return variant
+
+
+VARIANTS: dict[str, Variant] = {
+    "plain": plain,
+    "floor: foreach_norm": foreach_norm_floor,
+    "floor: clip_grad_norm_": clip_grad_norm_floor,
+    "gradwatch stats (probe_every=None)": gradwatch_variant(probe_every=None),
+    "gradwatch default (probe_every=10)": gradwatch_variant(),
+}
+
+
+def time_steps(work: Workload, between: Callable[[], None] | None, steps: int) -> list[float]:
+    sync = torch.cuda.synchronize if work.inputs.is_cuda else (lambda: None)
+    log = getattr(work, "log", None)
+    times = []
+    for _ in range(steps):
+        sync()
+        start = time.perf_counter()
+        loss = work.step(between)
+        if log is not None:
+            log(loss=loss)
+        sync()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def measure(
+    work: Workload, variants: dict[str, Variant], rounds: int, steps: int, tmp: Path
+) -> dict[str, float]:
+    """Median step time (s) of each variant over `rounds` interleaved rounds of `steps` steps."""
+    samples: dict[str, list[float]] = {name: [] for name in variants}
+    names = list(variants)
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            with variants[name](work, tmp) as between:
+                time_steps(work, between, 3)  # warm-up, untimed
+                samples[name] += time_steps(work, between, steps)
+        print(f"  {work.name}: round {r + 1}/{rounds}", file=sys.stderr, flush=True)
+    return {name: statistics.median(ts) for name, ts in samples.items()}
+
+
+def format_table(results: dict[str, dict[str, float]], header: str) -> str:
+    lines = [
+        header,
+        "",
+        "| workload | variant | median step (ms) | ratio to plain |",
+        "|---|---|---:|---:|",
+    ]
+    for workload, medians in results.items():
+        base = medians["plain"]
+        for name, median in medians.items():
+            lines.append(f"| {workload} | {name} | {median * 1e3:.2f} | {median / base:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=60, help="timed steps per variant and round")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.workloads:
+            results[name] = measure(
+                WORKLOADS[name](device), VARIANTS, args.rounds, args.steps, Path(tmp)
+            )
+    where = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU, {torch.get_num_threads()} threads"
+    )
+    header = (
+        f"# gradwatch step-time overhead ({where}, torch {torch.__version__})\n\n"
+        f"Command: `python benchmarks/overhead.py --device {args.device} --rounds {args.rounds} "
+        f"--steps {args.steps}`. Medians of per-step times over {args.rounds} interleaved rounds "
+        f"of {args.steps} steps per variant; the floors read every gradient once (foreach_norm) "
+        "or norm-and-scale them (clip_grad_norm_). flush_every=50, so each round includes a flush."
+    )
+    table = format_table(results, header)
+    print(table)
+    out = args.out or Path(__file__).parent / "results" / f"overhead-{device.type}.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(table)
+    print(f"written to {out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
