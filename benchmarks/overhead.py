@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from workloads import WORKLOADS, Workload  # noqa: E402
+from workloads import WORKLOADS, Workload
 
-import gradwatch as gw  # noqa: E402
+import gradwatch as gw
 
 Variant = Callable[[Workload, Path], contextlib.AbstractContextManager[Callable[[], None] | None]]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -48,7 +49,7 @@ def mlp(device: torch.device) -> Workload:
     """MLP 784-1024-1024-1024-10, batch 128, SGD: memory-bound on CPU."""
     sizes = [784, 1024, 1024, 1024]
     layers: list[nn.Module] = []
-    for a, b in zip(sizes, sizes[1:], strict=False):
+    for a, b in itertools.pairwise(sizes):
         layers += [nn.Linear(a, b), nn.ReLU()]
     model = nn.Sequential(*layers, nn.Linear(1024, 10)).to(device)
     return Workload(

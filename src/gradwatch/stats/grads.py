@@ -8,7 +8,7 @@ not round away.
 The statistics, when they run and what each costs (n = number of gradient or parameter elements).
 Only `grad_norm` runs every recorded step: it is the one pass over the gradients every monitor pays,
 and a NaN/Inf anywhere in a tensor makes its norm non-finite, so non-finite gradients show every
-step. The rest wait for probe steps (each further pass costs about 3% of an MLP step on 2 CPU cores).
+step. The rest wait for probe steps (each further pass costs about 3% of an MLP step on 2 cores).
 
 - `grad_norm`      ‖g‖₂, one pass over the gradients; every recorded step.
 - `grad_max`       max |g|, one pass over the gradients; probe steps.
