@@ -24,6 +24,8 @@ import numpy as np
 from gradwatch.detect.findings import Finding
 from gradwatch.guards.base import Event
 from gradwatch.stats.buffer import HostCopy, StatsBlock
+from gradwatch.stats.flow import MODULE_STATS
+from gradwatch.stats.grads import TENSOR_STATS
 
 logger = logging.getLogger("gradwatch")
 
@@ -108,8 +110,13 @@ class RunWriter:
     def write_meta(self, meta: dict[str, Any]) -> None:
         self._submit(self._insert_meta, meta)
 
-    def write_inventory(self, tensors: Iterable[Any], modules: Iterable[tuple[str, str]]) -> None:
-        self._submit(self._insert_inventory, list(tensors), list(modules))
+    def write_tensors(self, tensors: Iterable[Any]) -> None:
+        """The watched tensors (objects with name, module, shape, dtype, numel), in order."""
+        self._submit(self._insert_tensors, list(tensors))
+
+    def write_modules(self, modules: Iterable[tuple[str, str]]) -> None:
+        """The probed modules as (name, type), in forward order."""
+        self._submit(self._insert_modules, list(modules))
 
     def write_block(
         self,
@@ -183,9 +190,7 @@ class RunWriter:
             [(k, json.dumps(v, default=str)) for k, v in meta.items()],
         )
 
-    def _insert_inventory(
-        self, conn: sqlite3.Connection, tensors: list[Any], modules: list[tuple[str, str]]
-    ) -> None:
+    def _insert_tensors(self, conn: sqlite3.Connection, tensors: list[Any]) -> None:
         conn.executemany(
             "INSERT INTO tensors VALUES (?, ?, ?, ?, ?, ?)",
             [
@@ -193,6 +198,8 @@ class RunWriter:
                 for i, t in enumerate(tensors)
             ],
         )
+
+    def _insert_modules(self, conn: sqlite3.Connection, modules: list[tuple[str, str]]) -> None:
         conn.executemany(
             "INSERT INTO modules VALUES (?, ?, ?)",
             [(i, name, kind) for i, (name, kind) in enumerate(modules)],
@@ -331,11 +338,9 @@ class Run:
 
         NaN where the statistic was not recorded at a step (off a probe step, a None gradient).
         """
-        from gradwatch.stats.grads import TENSOR_STATS  # the vocabulary, defined once
-
         if name in TENSOR_STATS:
             return self._matrix(name, "tensor", len(self.tensors))
-        if name in self._module_stat_names():
+        if name in MODULE_STATS:
             return self._matrix(name, "module", len(self.modules))
         parts = []
         for n, names, blob in self._blocks("n_steps, scalar_names, scalar_data"):
@@ -346,7 +351,7 @@ class Run:
         if not any(name in json.loads(r[0]) for r in self._blocks("scalar_names")):
             raise KeyError(
                 f"no statistic or scalar named {name!r} in this run; per-tensor: "
-                f"{', '.join(TENSOR_STATS)}; scalars: {', '.join(self.scalar_names) or 'none'}"
+                f"{', '.join(TENSOR_STATS)}; per-module: {', '.join(MODULE_STATS)}; scalars: {', '.join(self.scalar_names) or 'none'}"
             )
         return np.concatenate(parts)
 
@@ -378,9 +383,6 @@ class Run:
         return self._conn.execute(
             f"SELECT {columns} FROM blocks WHERE id <= ? ORDER BY id", (self._last_block,)
         ).fetchall()
-
-    def _module_stat_names(self) -> set[str]:
-        return {s for (row,) in self._blocks("module_stats") for s in json.loads(row)}
 
     def _matrix(self, name: str, kind: str, width: int) -> np.ndarray:
         parts = []

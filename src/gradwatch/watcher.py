@@ -27,10 +27,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from gradwatch.detect.diagnosis import Diagnosis
 from gradwatch.detect.findings import Finding
+from gradwatch.detect.layout import ModelLayout
 from gradwatch.inventory import Inventory
 from gradwatch.sinks.base import Sink
 from gradwatch.stats.buffer import BlockBuffer
+from gradwatch.stats.flow import MODULE_STATS, ModuleProbes
 from gradwatch.stats.grads import TENSOR_STATS, GradStatistics
 from gradwatch.store import RunWriter
 
@@ -100,13 +103,18 @@ class Watcher:
             ) from exc
         self.run_dir = Path(config.run_dir)
         self._sinks = list(sinks)
-        self._findings: list[Finding] = []
         self._statistics = GradStatistics(self.inventory)
+        self._module_probes = ModuleProbes(model, self._forward_mode)
+        self._diagnosis: Diagnosis | None = None  # set up at the first flush, see _fix_layout
+        self._module_order: Tensor | None = None
+        self._announced: set[tuple[str, str]] = set()
         rows, device = config.flush_every, self.inventory.device
         self._tensor_rows = BlockBuffer(
             rows, (len(self.inventory.tensors), len(TENSOR_STATS)), device
         )
-        self._module_rows = BlockBuffer(rows, (0, 0), device)
+        self._module_rows = BlockBuffer(
+            rows, (len(self._module_probes.names), len(MODULE_STATS)), device
+        )
         self._scalar_rows = BlockBuffer(rows, (8,), device)
         self._scalar_names: list[str] = [GLOBAL_GRAD_NORM]
         self._block_steps: list[int] = []  # the step of each filled buffer row, host side
@@ -116,8 +124,7 @@ class Watcher:
         self._closed = False
 
         self._writer.write_meta(self._meta())
-        self._writer.write_inventory(self.inventory.tensors, [])
-        self._writer.block_listeners.extend(self._sink_listener(s) for s in self._sinks)
+        self._writer.write_tensors(self.inventory.tensors)
         self._attach()
         _watched_models.add(model)
         atexit.register(self._close_at_exit)
@@ -178,8 +185,13 @@ class Watcher:
                 cell.fill_(float(value))
 
     def findings(self) -> list[Finding]:
-        """The findings diagnosed so far (all of them once the watcher is closed)."""
-        return list(self._findings)
+        """The findings diagnosed in the flushed blocks (all of them once the watcher is closed).
+
+        Waits for the writer thread to finish the blocks handed to it: call it off the hot loop.
+        """
+        if not self._closed:
+            self._writer.drain()
+        return self._diagnosis.findings() if self._diagnosis is not None else []
 
     def flush(self) -> None:
         """Hand the recorded steps to the run store now (also done every `flush_every` steps)."""
@@ -195,10 +207,12 @@ class Watcher:
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()
+        self._module_probes.detach()
         self._snapshot = None
         _watched_models.discard(self.model)
         try:
             self._flush()
+            self._writer.drain()  # the last block's findings are queued while it is written
             self._writer.write_meta({"closed": True, "steps_completed": self._step})
         finally:
             self._writer.close()
@@ -213,6 +227,7 @@ class Watcher:
 
     # ---- the step path -----------------------------------------------------------------------
     def _attach(self) -> None:
+        self._module_probes.attach()
         if self.optimizer is not None:
             self._hooks.append(self.optimizer.register_step_pre_hook(self._before_update))
             self._hooks.append(self.optimizer.register_step_post_hook(self._after_update))
@@ -238,6 +253,7 @@ class Watcher:
             self._tensor_rows.data[row], probe=self._probes(step)
         )
         self._scalar_rows.data[row, 0].copy_(global_norm, non_blocking=True)
+        self._module_probes.write(self._module_rows.data[row])
 
     def _record_update(self) -> None:
         assert self._snapshot is not None
@@ -249,6 +265,13 @@ class Watcher:
 
     def _probes(self, step: int) -> bool:
         return self.config.probe_every is not None and step % self.config.probe_every == 0
+
+    def _forward_mode(self) -> int:
+        """What the forward pass in progress belongs to (see ModuleProbes): the forward of step s
+        runs while the step counter is s, in both optimizer and manual mode."""
+        if self._probes(self._step):
+            return 2
+        return 1 if self._records(self._step) else 0
 
     def _open_row(self, step: int) -> int:
         """The buffer row of `step`, flushing a full buffer first."""
@@ -269,12 +292,14 @@ class Watcher:
         n = len(self._block_steps)
         if n == 0:
             return
+        if self._module_order is None:
+            self._fix_layout()
         self._writer.write_block(
             list(self._block_steps),
             TENSOR_STATS,
             self._tensor_rows.take(n),
-            (),
-            self._module_rows.take(n),
+            MODULE_STATS,
+            self._module_rows.take(n, order=self._module_order),
             tuple(self._scalar_names),
             self._scalar_rows.take(n, width=len(self._scalar_names)),
         )
@@ -291,9 +316,41 @@ class Watcher:
         except Exception as exc:  # the interpreter is exiting: report, do not mask the exit
             logger.error("gradwatch: closing the run at exit failed: %s", exc)
 
-    def _sink_listener(self, sink: Sink) -> Any:
-        tensors, modules = self.inventory.names, []
-        return lambda block: sink.write_block(block, tensors, modules)
+    def _fix_layout(self) -> None:
+        """At the first flush: order the modules as the first forward pass called them, store
+        that order, and start the diagnosis and the sinks, which need it."""
+        probes = self._module_probes
+        called = set(probes.forward_order)
+        order = probes.forward_order + [c for c in range(len(probes.names)) if c not in called]
+        self._module_order = torch.tensor(order, dtype=torch.long, device=self.inventory.device)
+        modules = [probes.names[c] for c in order]
+        self._writer.write_modules([(probes.names[c], probes.types[c]) for c in order])
+        layout = ModelLayout(
+            tensors=tuple(self.inventory.names),
+            tensor_modules=tuple(t.module for t in self.inventory.tensors),
+            modules=tuple(modules),
+            module_types=tuple(probes.types[c] for c in order),
+            owns_parameters=tuple(probes.owns_parameters(c) for c in order),
+            zeroing=tuple(probes.zeroing(c) for c in order),
+            saturating=tuple(probes.saturating(c) for c in order),
+        )
+        self._diagnosis = Diagnosis(layout, self._publish)
+        self._writer.block_listeners.append(self._diagnosis)
+        tensors = self.inventory.names
+        for sink in self._sinks:
+            self._writer.block_listeners.append(
+                lambda block, sink=sink: sink.write_block(block, tensors, modules)
+            )
+
+    def _publish(self, findings: list[Finding]) -> None:
+        """Store new or extended findings and pass them to the sinks (in the writer thread)."""
+        self._writer.write_findings(findings)
+        for finding in findings:
+            if (finding.kind, finding.layer) not in self._announced:
+                self._announced.add((finding.kind, finding.layer))
+                logger.warning("gradwatch finding: %s", finding)
+        for sink in self._sinks:
+            sink.write_findings(findings)
 
     def _meta(self) -> dict[str, Any]:
         from gradwatch import __version__

@@ -54,10 +54,15 @@ class BlockBuffer:
         wider[..., :width] = self.data
         self.data = wider
 
-    def take(self, n: int, width: int | None = None) -> HostCopy:
-        """Start copying the first `n` rows (and `width` columns of the last axis) to the host, then
-        reset the buffer to NaN. Stream order makes the reset wait for the copy; nothing syncs."""
+    def take(self, n: int, width: int | None = None, order: Tensor | None = None) -> HostCopy:
+        """Start copying the first `n` rows to the host, then reset the buffer to NaN.
+
+        `width` keeps that many entries of the last axis; `order` reorders axis 1. Stream order
+        makes the reset wait for the copy; nothing syncs with the host.
+        """
         block = self.data[:n] if width is None else self.data[:n, ..., :width]
+        if order is not None:
+            block = block.index_select(1, order)
         if self.data.device.type == "cuda":
             host = torch.empty(block.shape, dtype=block.dtype, pin_memory=True)
             host.copy_(block, non_blocking=True)

@@ -1,0 +1,36 @@
+"""`ModelLayout`: what the detectors know about the watched model, fixed at the first flush."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class ModelLayout:
+    """Names and kinds behind the columns of a statistics block.
+
+    `tensors` / `tensor_modules` name the per-tensor columns and the module owning each tensor;
+    `modules` names the per-module columns in forward order, with each module's class name and
+    whether it owns parameters, is a zeroing (ReLU-family) or a saturating (sigmoid/tanh-family)
+    activation.
+    """
+
+    tensors: tuple[str, ...]
+    tensor_modules: tuple[str, ...]
+    modules: tuple[str, ...]
+    module_types: tuple[str, ...]
+    owns_parameters: tuple[bool, ...]
+    zeroing: tuple[bool, ...]
+    saturating: tuple[bool, ...]
+
+    def feeding_layer(self, column: int) -> int:
+        """The nearest module before `column` in forward order that owns parameters (the layer
+        whose output an activation transforms), or `column` itself if there is none."""
+        for earlier in range(column - 1, -1, -1):
+            if self.owns_parameters[earlier]:
+                return earlier
+        return column
+
+    def layer_columns(self) -> list[int]:
+        """Module columns that own parameters, in forward order."""
+        return [i for i, owns in enumerate(self.owns_parameters) if owns]

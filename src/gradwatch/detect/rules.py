@@ -1,0 +1,347 @@
+"""Detectors: one function per finding kind, from a statistics block to findings.
+
+Every rule has the signature `rule(block, layout, memory) -> list[Finding]`; `memory` is a dict the
+rule keeps across the blocks of one run (running windows, streaks). Rules run in the writer thread
+on host arrays, never in the training step. Thresholds are module constants, named and documented.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+import numpy as np
+
+from gradwatch.detect.findings import Finding
+from gradwatch.detect.layout import ModelLayout
+from gradwatch.stats.buffer import StatsBlock
+
+# vanishing / exploding: log10 of (gradient scale at the first layer / at the last layer).
+DEPTH_ORDERS = 3.0
+# dead_units / saturation: share of units, held for this many consecutive probe steps.
+DEAD_FRAC = 0.5
+SATURATED_FRAC = 0.5
+PERSISTENT_PROBES = 3
+# exploding: the global norm's block median above this many times its level in the first block.
+GLOBAL_GROWTH = 1e3
+# spike: robust z-score over a running window of log10 global norms, and a minimum jump.
+SPIKE_WINDOW = 200
+SPIKE_MIN_HISTORY = 20
+SPIKE_Z = 6.0
+SPIKE_MIN_RATIO = 3.0
+
+Memory = dict[str, Any]
+
+
+def _names(layout: ModelLayout, columns: list[int], limit: int = 4) -> str:
+    shown = ", ".join(repr(layout.modules[c]) for c in columns[:limit])
+    return shown + (f" and {len(columns) - limit} more" if len(columns) > limit else "")
+
+
+def depth_profile(block: StatsBlock, layout: ModelLayout) -> tuple[list[int], np.ndarray] | None:
+    """log10 of each parameterised layer's gradient scale relative to the last layer's.
+
+    The scale is the backpropagated signal ‖∂L/∂y‖ on probe steps, or, without probe data, the
+    gradient norm of the layer's first parameter tensor. Median over the block's steps; None with
+    fewer than 3 layers measured. Returns (module columns in forward order, profile).
+    """
+    columns = layout.layer_columns()
+    scale = block.module_series("signal_norm")[:, columns] if columns else np.zeros((0, 0))
+    if not np.isfinite(scale).any():
+        first_tensor = {m: i for i, m in reversed(list(enumerate(layout.tensor_modules)))}
+        columns = [c for c in columns if layout.modules[c] in first_tensor]
+        tensor_columns = [first_tensor[layout.modules[c]] for c in columns]
+        scale = block.tensor_series("grad_norm")[:, tensor_columns]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        logs = np.where((scale > 0) & np.isfinite(scale), np.log10(scale), np.nan)
+        keep = np.isfinite(logs).any(axis=0)
+        columns, logs = [c for c, k in zip(columns, keep, strict=True) if k], logs[:, keep]
+        if len(columns) < 3:
+            return None
+        rows = np.isfinite(logs[:, -1])
+        if not rows.any():
+            return None
+        profile = np.nanmedian(logs[rows] - logs[rows, -1:], axis=0)
+    return columns, profile
+
+
+def vanishing(block: StatsBlock, layout: ModelLayout, memory: Memory) -> list[Finding]:
+    """The gradient scale falls by DEPTH_ORDERS or more from the last layer to the first."""
+    measured = depth_profile(block, layout)
+    if measured is None or measured[1][0] > -DEPTH_ORDERS:
+        return []
+    columns, profile = measured
+    per_layer = 10 ** (profile[0] / (len(columns) - 1))
+    weak = [c for c, p in zip(columns, profile, strict=True) if p <= -DEPTH_ORDERS]
+    start = next(c for c, p in zip(reversed(columns), profile[::-1], strict=True) if p <= -1)
+    causes = []
+    saturating = sorted({layout.module_types[i] for i, s in enumerate(layout.saturating) if s})
+    if saturating:
+        causes.append(f"saturating {'/'.join(saturating)} activations (derivative at most 0.25 "
+                      "for sigmoid, near 0 once saturated) shrink it at every layer")
+    if not any("Norm" in t for t in layout.module_types):
+        causes.append("no normalization layers or residual connections carry it through depth")
+    causes.append("the weight init may be too small for this depth")
+    return [Finding(
+        kind="vanishing",
+        layer=layout.modules[columns[0]],
+        step=int(block.steps[0]),
+        last_step=int(block.steps[-1]),
+        severity="error" if profile[0] <= -2 * DEPTH_ORDERS else "warning",
+        message=(
+            f"the backpropagated gradient shrinks by {per_layer:.2g}x per layer over "
+            f"{len(columns)} layers: at {layout.modules[columns[0]]!r} it is "
+            f"{10 ** profile[0]:.1e} of its size at {layout.modules[columns[-1]]!r}; it falls "
+            f"below a tenth from {layout.modules[start]!r} on, and {len(weak)} layers "
+            f"({_names(layout, weak)}) get under 1/1000, so they barely learn. Likely cause: "
+            + "; ".join(causes) + "."
+        ),
+        evidence={
+            "decay_per_layer": float(per_layer),
+            "first_to_last": float(10 ** profile[0]),
+            "starts_at": layout.modules[start],
+            "relative_scale": {layout.modules[c]: float(10**p) for c, p in zip(columns, profile,
+                                                                               strict=True)},
+        },
+        remedy=(
+            "use ReLU/GELU activations with He init (nn.init.kaiming_normal_), add LayerNorm/"
+            "BatchNorm or residual connections across the deep stack, or make the net shallower"
+        ),
+    )]
+
+
+def exploding(block: StatsBlock, layout: ModelLayout, memory: Memory) -> list[Finding]:
+    """The gradient scale grows by DEPTH_ORDERS or more from the last layer to the first, or the
+    global norm climbs GLOBAL_GROWTH-fold above its level in the run's first block."""
+    findings = []
+    measured = depth_profile(block, layout)
+    if measured is not None and measured[1][0] >= DEPTH_ORDERS:
+        columns, profile = measured
+        per_layer = 10 ** (profile[0] / (len(columns) - 1))
+        findings.append(Finding(
+            kind="exploding",
+            layer=layout.modules[columns[0]],
+            step=int(block.steps[0]),
+            last_step=int(block.steps[-1]),
+            severity="error",
+            message=(
+                f"the backpropagated gradient grows by {per_layer:.2g}x per layer over "
+                f"{len(columns)} layers: at {layout.modules[columns[0]]!r} it is "
+                f"{10 ** profile[0]:.1e} times its size at {layout.modules[columns[-1]]!r}. "
+                "Likely cause: weights initialised too large for their fan-in (each layer "
+                "multiplies the signal), or no normalization between layers."
+            ),
+            evidence={"growth_per_layer": float(per_layer), "first_to_last": float(10 ** profile[0])},
+            remedy=(
+                "initialise with nn.init.kaiming_normal_ (std = sqrt(2/fan_in)) or xavier, add "
+                "normalization layers, and clip gradients (gw.guards.ClipNorm or ZClip)"
+            ),
+        ))
+    norms = block.scalar("global_grad_norm")
+    finite = norms[np.isfinite(norms) & (norms > 0)]
+    if finite.size and "reference" not in memory:
+        memory["reference"] = float(np.median(finite))
+    if finite.size and np.median(finite) > GLOBAL_GROWTH * memory["reference"]:
+        level = float(np.median(finite))
+        findings.append(Finding(
+            kind="exploding",
+            layer="",
+            step=int(block.steps[0]),
+            last_step=int(block.steps[-1]),
+            severity="error",
+            message=(
+                f"the global gradient norm rose to {level:.3g}, "
+                f"{level / memory['reference']:.2g}x its level at the start of the run "
+                f"({memory['reference']:.3g}). Likely cause: a learning rate too high for this "
+                "model, so updates feed on themselves."
+            ),
+            evidence={"global_grad_norm": level, "start_level": memory["reference"]},
+            remedy="lower the learning rate or add warm-up, and clip gradients (gw.guards.ZClip)",
+        ))
+    return findings
+
+
+def nonfinite(block: StatsBlock, layout: ModelLayout, memory: Memory) -> list[Finding]:
+    """The first step where a module output (forward) or a gradient (backward) is NaN/Inf, and
+    the module where it started: the first flagged module in forward order, or in backward the
+    module after the last layer (in forward order) whose parameter gradients are non-finite."""
+    if memory.get("found"):
+        return []
+    flags = block.module_series("act_nonfinite")
+    grads = block.tensor_series("grad_norm")
+    column = {name: i for i, name in enumerate(layout.modules)}
+    for r, step in enumerate(block.steps):
+        bad_tensors = np.flatnonzero(np.isnan(grads[r]) | np.isinf(grads[r]))
+        forward = np.flatnonzero(flags[r] > 0)
+        if forward.size:
+            origin, direction = int(forward[0]), "forward"
+        elif bad_tensors.size:
+            bad = [column[layout.tensor_modules[t]] for t in bad_tensors
+                   if layout.tensor_modules[t] in column]
+            last = max(bad) if bad else len(layout.modules) - 1
+            origin, direction = min(last + 1, len(layout.modules) - 1), "backward"
+        else:
+            continue
+        memory["found"] = True
+        return [_nonfinite_finding(block, layout, r, int(step), origin, direction, bad_tensors)]
+    return []
+
+
+def _nonfinite_finding(block, layout, row, step, origin, direction, bad_tensors) -> Finding:
+    name, kind = layout.modules[origin], layout.module_types[origin]
+    # Probe rows are those with a non-finite count (a count is finite even for NaN gradients).
+    probe_rows = np.isfinite(block.tensor_series("grad_nonfinite")[row:]).any(axis=1)
+    params = block.tensor_series("param_norm")[row:][probe_rows]
+    hit = [layout.tensors[t] for t in np.flatnonzero((~np.isfinite(params)).any(axis=0))]
+    where = (f"the output of {name!r} ({kind}) is the first in forward order to hold NaN/Inf"
+             if direction == "forward" else
+             f"the gradient turned NaN/Inf in backward at {name!r} ({kind}): the layers before it "
+             "received non-finite gradients, the layers after it did not")
+    touched = (f"parameters now non-finite: {', '.join(hit[:5])}" if hit else
+               "parameters still finite at the probe steps of this block")
+    return Finding(
+        kind="nonfinite",
+        layer=name,
+        step=step,
+        severity="error",
+        message=f"at step {step} {where}; {len(bad_tensors)} parameter tensors got non-finite "
+                f"gradients; {touched}.",
+        evidence={"direction": direction, "module_type": kind,
+                  "nonfinite_grad_tensors": [layout.tensors[t] for t in bad_tensors[:20]],
+                  "parameters_hit": hit[:20]},
+        remedy=(
+            f"inspect {name!r} at step {step}: a log/sqrt/division of values that reach 0 or "
+            "below, an exp that overflows, or fp16 overflow; add an epsilon or clamp its input. "
+            "gw.guards.SkipNonFinite() skips such steps before they reach the weights"
+        ),
+    )
+
+
+def _persistent(block: StatsBlock, stat: str, columns: list[int], threshold: float,
+                memory: Memory) -> list[tuple[int, int, int, float]]:
+    """Columns whose `stat` stayed >= threshold for PERSISTENT_PROBES consecutive probe steps:
+    (column, first step of the streak, last step, latest value). Streaks carry across blocks."""
+    values = block.module_series(stat)
+    streaks: dict[int, tuple[int, int]] = memory.setdefault("streaks", {})
+    hits = []
+    for r, step in enumerate(block.steps):
+        for c in columns:
+            v = values[r, c]
+            if np.isnan(v):
+                continue  # not a probe step, or not measured
+            if v >= threshold:
+                first, count = streaks.get(c, (int(step), 0))
+                streaks[c] = (first, count + 1)
+                if count + 1 >= PERSISTENT_PROBES:
+                    hits.append((c, first, int(step), float(v)))
+            else:
+                streaks.pop(c, None)
+    latest = {c: (c, first, last, v) for c, first, last, v in hits}
+    return list(latest.values())
+
+
+def dead_units(block: StatsBlock, layout: ModelLayout, memory: Memory) -> list[Finding]:
+    """A ReLU-family activation whose units output 0 for whole batches, step after step."""
+    columns = [c for c, z in enumerate(layout.zeroing) if z]
+    findings = []
+    for c, first, last, share in _persistent(block, "dead_frac", columns, DEAD_FRAC, memory):
+        layer = layout.feeding_layer(c)
+        findings.append(Finding(
+            kind="dead_units",
+            layer=layout.modules[layer],
+            step=first,
+            last_step=last,
+            severity="error" if share >= 0.99 else "warning",
+            message=(
+                f"{share:.0%} of the units of {layout.modules[c]!r} ({layout.module_types[c]}, "
+                f"after {layout.modules[layer]!r}) output 0 for every example of the batch, for "
+                f"{PERSISTENT_PROBES}+ probe steps in a row: they pass no gradient and stop "
+                "learning. Likely cause: pre-activations pushed below zero by a large negative "
+                "bias, a too-high learning rate or unnormalised inputs."
+            ),
+            evidence={"dead_frac": share, "activation": layout.modules[c]},
+            remedy=(
+                f"initialise the bias of {layout.modules[layer]!r} at 0 (or slightly positive), "
+                "lower the learning rate, normalise its input (BatchNorm/LayerNorm), or use "
+                "LeakyReLU/GELU, which keep a gradient below zero"
+            ),
+        ))
+    return findings
+
+
+def saturation(block: StatsBlock, layout: ModelLayout, memory: Memory) -> list[Finding]:
+    """A sigmoid/tanh-family activation with most outputs at its bounds, step after step."""
+    columns = [c for c, s in enumerate(layout.saturating) if s]
+    findings = []
+    for c, first, last, share in _persistent(block, "saturated_frac", columns, SATURATED_FRAC,
+                                             memory):
+        layer = layout.feeding_layer(c)
+        findings.append(Finding(
+            kind="saturation",
+            layer=layout.modules[c],
+            step=first,
+            last_step=last,
+            severity="warning",
+            message=(
+                f"{share:.0%} of the outputs of {layout.modules[c]!r} ({layout.module_types[c]}) "
+                f"sit within 1% of its bounds for {PERSISTENT_PROBES}+ probe steps in a row: its "
+                "derivative there is near 0, so little gradient flows back. Likely cause: its "
+                f"input from {layout.modules[layer]!r} is too large (weights, inputs or lr)."
+            ),
+            evidence={"saturated_frac": share, "fed_by": layout.modules[layer]},
+            remedy=(
+                f"scale down the input of {layout.modules[c]!r} (smaller init or inputs, a "
+                "normalization layer before it), or use a non-saturating activation (ReLU/GELU)"
+            ),
+        ))
+    return findings
+
+
+def spike(block: StatsBlock, layout: ModelLayout, memory: Memory) -> list[Finding]:
+    """The global gradient norm jumps far above its running level (robust z-score of log10
+    norms over the last SPIKE_WINDOW recorded steps, median and MAD)."""
+    history: deque[float] = memory.setdefault("history", deque(maxlen=SPIKE_WINDOW))
+    norms = block.scalar("global_grad_norm")
+    grads = block.tensor_series("grad_norm")
+    found = []
+    for r, (step, norm) in enumerate(zip(block.steps, norms, strict=True)):
+        if not (np.isfinite(norm) and norm > 0):
+            continue
+        x = float(np.log10(norm))
+        if len(history) >= SPIKE_MIN_HISTORY:
+            level = float(np.median(history))
+            spread = 1.4826 * float(np.median(np.abs(np.array(history) - level))) + 1e-3
+            z = (x - level) / spread
+            if z > SPIKE_Z and x - level > np.log10(SPIKE_MIN_RATIO):
+                found.append((int(step), float(norm), 10 ** (x - level), z, r))
+        history.append(x)
+    if not found:
+        return []
+    memory["count"] = memory.get("count", 0) + len(found)
+    memory.setdefault("steps", []).extend(s for s, *_ in found)
+    worst = max(found, key=lambda f: f[2])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        jump = grads[worst[4]] / np.nanmedian(grads, axis=0)
+    top = layout.tensors[int(np.nanargmax(jump))] if np.isfinite(jump).any() else None
+    return [Finding(
+        kind="spike",
+        layer="",
+        step=found[0][0],
+        last_step=found[-1][0],
+        severity="warning",
+        message=(
+            f"{memory['count']} gradient-norm spikes so far; the largest at step {worst[0]}: "
+            f"{worst[1]:.3g}, {worst[2]:.1f}x the running level (robust z = {worst[3]:.0f})"
+            + (f", led by {top!r}" if top else "") + ". Likely cause: an outlier or corrupted "
+            "batch, or a learning rate at the edge of stability."
+        ),
+        evidence={"count": memory["count"], "steps": memory["steps"][:50],
+                  "largest_ratio": worst[2], "largest_step": worst[0], "leading_tensor": top},
+        remedy=(
+            "cap spikes with gw.guards.ZClip() (or ClipNorm), check the batches at these steps, "
+            "and lower the learning rate or lengthen warm-up"
+        ),
+    )]
+
+
+RULES = (vanishing, exploding, nonfinite, dead_units, saturation, spike)
