@@ -5,13 +5,12 @@ from __future__ import annotations
 import copy
 import itertools
 import pickle
-import threading
 import warnings
 
 import numpy as np
 import pytest
 import torch
-from conftest import small_mlp, train_step
+from conftest import HostSyncError, small_mlp, train_step
 from torch import nn
 
 import gradwatch as gw
@@ -155,29 +154,6 @@ def test_model_without_trainable_parameters_is_refused(tmp_path):
         gw.watch(model, run_dir=tmp_path / "r")
 
 
-class _HostSync(AssertionError):
-    pass
-
-
-@pytest.fixture
-def forbid_host_sync(monkeypatch):
-    """Make every host-syncing Tensor method raise when called from the training thread."""
-    main = threading.main_thread()
-
-    def forbid(name):
-        original = getattr(torch.Tensor, name)
-
-        def guarded(self, *args, **kwargs):
-            if threading.current_thread() is main:
-                raise _HostSync(f"Tensor.{name} called in the step path")
-            return original(self, *args, **kwargs)
-
-        monkeypatch.setattr(torch.Tensor, name, guarded)
-
-    for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__"):
-        forbid(name)
-
-
 def test_step_path_makes_no_host_sync(tmp_path, forbid_host_sync):
     model = small_mlp()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -194,7 +170,7 @@ def test_step_path_makes_no_host_sync(tmp_path, forbid_host_sync):
 
 
 def test_the_sync_check_itself_catches_a_sync(forbid_host_sync):
-    with pytest.raises(_HostSync):
+    with pytest.raises(HostSyncError):
         torch.ones(2).sum().item()
 
 

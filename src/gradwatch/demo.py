@@ -143,12 +143,15 @@ def run_demo(out_dir: Path, steps: int = 300) -> list[Outcome]:
             if run_dir.exists():  # the demo owns this folder: replace its earlier run
                 shutil.rmtree(run_dir)
             task = progress.add_task(f"{scenario.name:>9}: {scenario.story}", total=steps)
-            outcomes.append(train_scenario(scenario, run_dir, steps,
-                                           lambda task=task: progress.advance(task)))
+            outcomes.append(
+                train_scenario(scenario, run_dir, steps, lambda task=task: progress.advance(task))
+            )
     for outcome in outcomes:
         console.rule(f"[bold]{outcome.scenario.name}[/]: {outcome.scenario.story}")
-        console.print(f"final loss {outcome.final_loss:.3g}, test accuracy "
-                      f"{outcome.test_accuracy:.1%}, run store: {outcome.run_dir}")
+        console.print(
+            f"final loss {outcome.final_loss:.3g}, test accuracy "
+            f"{outcome.test_accuracy:.1%}, run store: {outcome.run_dir}"
+        )
         if not outcome.findings:
             console.print("[green]no findings: the gradients are healthy[/]")
         for finding in outcome.findings:

@@ -351,7 +351,8 @@ class Run:
         if not any(name in json.loads(r[0]) for r in self._blocks("scalar_names")):
             raise KeyError(
                 f"no statistic or scalar named {name!r} in this run; per-tensor: "
-                f"{', '.join(TENSOR_STATS)}; per-module: {', '.join(MODULE_STATS)}; scalars: {', '.join(self.scalar_names) or 'none'}"
+                f"{', '.join(TENSOR_STATS)}; per-module: {', '.join(MODULE_STATS)}; "
+                f"scalars: {', '.join(self.scalar_names) or 'none'}"
             )
         return np.concatenate(parts)
 

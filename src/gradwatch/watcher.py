@@ -30,11 +30,12 @@ from torch import Tensor, nn
 from gradwatch.detect.diagnosis import Diagnosis
 from gradwatch.detect.findings import Finding
 from gradwatch.detect.layout import ModelLayout
+from gradwatch.guards.base import Guard, GuardContext
 from gradwatch.inventory import Inventory
 from gradwatch.sinks.base import Sink
-from gradwatch.stats.buffer import BlockBuffer
+from gradwatch.stats.buffer import BlockBuffer, StatsBlock
 from gradwatch.stats.flow import MODULE_STATS, ModuleProbes
-from gradwatch.stats.grads import TENSOR_STATS, GradStatistics
+from gradwatch.stats.grads import TENSOR_STATS, GradStatistics, PresentGroup
 from gradwatch.store import RunWriter
 
 logger = logging.getLogger("gradwatch")
@@ -85,9 +86,11 @@ class Watcher:
         model: nn.Module,
         optimizer: torch.optim.Optimizer | None,
         config: WatchConfig,
+        guards: Sequence[Guard] = (),
         sinks: Sequence[Sink] = (),
     ) -> None:
         _check_model_and_optimizer(model, optimizer)
+        self._guards = _label_guards(guards, optimizer)
         self.model = model
         self.optimizer = optimizer
         self.config = config
@@ -108,6 +111,7 @@ class Watcher:
         self._diagnosis: Diagnosis | None = None  # set up at the first flush, see _fix_layout
         self._module_order: Tensor | None = None
         self._announced: set[tuple[str, str]] = set()
+        self._last_loss: Tensor | float | None = None
         rows, device = config.flush_every, self.inventory.device
         self._tensor_rows = BlockBuffer(
             rows, (len(self.inventory.tensors), len(TENSOR_STATS)), device
@@ -125,6 +129,8 @@ class Watcher:
 
         self._writer.write_meta(self._meta())
         self._writer.write_tensors(self.inventory.tensors)
+        if self._guards:
+            self._writer.block_listeners.append(self._guard_events)
         self._attach()
         _watched_models.add(model)
         atexit.register(self._close_at_exit)
@@ -147,7 +153,8 @@ class Watcher:
                 "steps inside optimizer.step() already, so remove the call"
             )
         if self._records(self._step):
-            self._record_grads(self._step)
+            row = self._open_row(self._step)
+            self._record_grads(self._statistics.present(), row, self._step)
             if self._snapshot is not None and self._probes(self._step):
                 self._record_update()
         self._step += 1
@@ -162,6 +169,9 @@ class Watcher:
         Scalars of steps that are not recorded (see `every`) are dropped.
         """
         self._check_open()
+        if "loss" in scalars:  # Rollback watches the latest loss, recorded step or not
+            loss = scalars["loss"]
+            self._last_loss = loss.detach() if isinstance(loss, Tensor) else loss
         target = self._step - 1 if self.optimizer is not None and self._step > 0 else self._step
         if not self._records(target):
             return
@@ -172,17 +182,7 @@ class Watcher:
         else:
             return  # that step's row was flushed already
         for name, value in scalars.items():
-            column = self._scalar_column(name)
-            cell = self._scalar_rows.data[row, column]
-            if isinstance(value, Tensor):
-                if value.numel() != 1:
-                    raise ValueError(
-                        f"log({name}=...) needs a scalar or a one-element tensor, "
-                        f"got a tensor of shape {tuple(value.shape)}"
-                    )
-                cell.copy_(value.detach().reshape(()), non_blocking=True)
-            else:
-                cell.fill_(float(value))
+            self._record_scalar(row, name, value)
 
     def findings(self) -> list[Finding]:
         """The findings diagnosed in the flushed blocks (all of them once the watcher is closed).
@@ -192,6 +192,23 @@ class Watcher:
         if not self._closed:
             self._writer.drain()
         return self._diagnosis.findings() if self._diagnosis is not None else []
+
+    def state_dict(self) -> dict[str, Any]:
+        """The step counter and every guard's state, to resume a run where it stopped
+        (save it with your checkpoint; load it into the watcher of the resumed run)."""
+        return {"step": self._step, "guards": {g.label: g.state_dict() for g in self._guards}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from `state_dict()`: the step counter and the guards' state."""
+        missing = {g.label for g in self._guards} - set(state.get("guards", {}))
+        if missing:
+            raise ValueError(
+                f"the state has no entry for guard(s) {sorted(missing)}; it was saved from a "
+                f"watcher with guards {sorted(state.get('guards', {}))}"
+            )
+        self._step = int(state["step"])
+        for guard in self._guards:
+            guard.load_state_dict(state["guards"][guard.label])
 
     def flush(self) -> None:
         """Hand the recorded steps to the run store now (also done every `flush_every` steps)."""
@@ -236,9 +253,13 @@ class Watcher:
 
     def _before_update(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         step = self._step
-        if self._records(step):
-            self._record_grads(step)
-        if self._probes(step):
+        present = self._statistics.present()
+        row = self._open_row(step) if self._records(step) else None
+        if row is not None or self._guards:
+            global_norm = self._record_grads(present, row, step)
+            if self._guards:
+                self._apply_guards(step, present, global_norm, row)
+        if self._probes(step):  # after the guards: a rollback changes θ_before
             self._snapshot = self._statistics.snapshot_params()
 
     def _after_update(self, optimizer: Any, args: Any, kwargs: Any) -> None:
@@ -247,13 +268,54 @@ class Watcher:
             self._snapshot = None
         self._step += 1
 
-    def _record_grads(self, step: int) -> None:
-        row = self._open_row(step)
+    def _record_grads(self, present: list[PresentGroup], row: int | None, step: int) -> Tensor:
+        """Gradient statistics into `row` (if the step is recorded); the pre-guard global norm."""
         global_norm = self._statistics.record_grads(
-            self._tensor_rows.data[row], probe=self._probes(step)
+            present,
+            None if row is None else self._tensor_rows.data[row],
+            probe=self._probes(step),
+            device=self.inventory.device,
         )
-        self._scalar_rows.data[row, 0].copy_(global_norm, non_blocking=True)
-        self._module_probes.write(self._module_rows.data[row])
+        if row is not None:
+            self._record_scalar(row, GLOBAL_GRAD_NORM, global_norm)
+            self._module_probes.write(self._module_rows.data[row])
+        return global_norm
+
+    def _apply_guards(
+        self, step: int, present: list[PresentGroup], global_norm: Tensor, row: int | None
+    ) -> None:
+        names = self.inventory.names
+        ctx = GuardContext(
+            step=step,
+            groups=[([names[i] for i in g.index], g.params, g.grads) for g in present],
+            global_norm=global_norm,
+            optimizer=self.optimizer,
+            model=self.model,
+            loss=self._last_loss,
+            record=lambda name, value: self._record_scalar(row, name, value),
+            event=lambda event: self._writer.write_events([event]),
+        )
+        for guard in self._guards:
+            if ctx.skipped and not guard.runs_on_skipped_steps:
+                continue
+            guard.apply(ctx)
+
+    def _record_scalar(self, row: int | None, name: str, value: Tensor | float) -> None:
+        """Store a scalar of the step in buffer row `row` (dropped when the step is not recorded).
+        A tensor stays on the device: no host sync."""
+        if row is None:
+            return
+        column = self._scalar_column(name)  # first: a new name may reallocate the buffer
+        cell = self._scalar_rows.data[row, column]
+        if isinstance(value, Tensor):
+            if value.numel() != 1:
+                raise ValueError(
+                    f"{name} must be a scalar or a one-element tensor, "
+                    f"got a tensor of shape {tuple(value.shape)}"
+                )
+            cell.copy_(value.detach().reshape(()), non_blocking=True)
+        else:
+            cell.fill_(float(value))
 
     def _record_update(self) -> None:
         assert self._snapshot is not None
@@ -331,6 +393,7 @@ class Watcher:
             modules=tuple(modules),
             module_types=tuple(probes.types[c] for c in order),
             owns_parameters=tuple(probes.owns_parameters(c) for c in order),
+            builtin=tuple(probes.builtin(c) for c in order),
             zeroing=tuple(probes.zeroing(c) for c in order),
             saturating=tuple(probes.saturating(c) for c in order),
         )
@@ -341,6 +404,13 @@ class Watcher:
             self._writer.block_listeners.append(
                 lambda block, sink=sink: sink.write_block(block, tensors, modules)
             )
+
+    def _guard_events(self, block: StatsBlock) -> None:
+        """Clip events from the scalars the guards recorded (in the writer thread)."""
+        scalars = {name: block.scalar(name) for name in block.scalar_names}
+        events = [e for guard in self._guards for e in guard.events(block.steps, scalars)]
+        if events:
+            self._writer.write_events(events)
 
     def _publish(self, findings: list[Finding]) -> None:
         """Store new or extended findings and pass them to the sinks (in the writer thread)."""
@@ -375,6 +445,27 @@ class Watcher:
                 "platform": platform.platform(),
             },
         }
+
+
+def _label_guards(guards: Sequence[Any], optimizer: Any) -> list[Guard]:
+    """Check the guards and give each a unique label: its class name, numbered on repeats."""
+    guards = list(guards)
+    for guard in guards:
+        if not callable(getattr(guard, "apply", None)):
+            raise TypeError(
+                f"guards must be gradwatch guards (objects with apply(ctx)), got {guard!r}"
+            )
+    if guards and optimizer is None:
+        raise ValueError(
+            "guards act inside optimizer.step(): pass the optimizer, gw.watch(model, optimizer, "
+            "guards=...)"
+        )
+    seen: dict[str, int] = {}
+    for guard in guards:
+        name = type(guard).__name__
+        seen[name] = seen.get(name, 0) + 1
+        guard.label = name if seen[name] == 1 else f"{name}_{seen[name]}"
+    return guards
 
 
 def _check_model_and_optimizer(model: Any, optimizer: Any) -> None:
@@ -420,7 +511,7 @@ def watch(
     every: int = 1,
     probe_every: int | None = 10,
     flush_every: int = 50,
-    guards: Iterable[Any] = (),
+    guards: Iterable[Guard] = (),
     sinks: Iterable[Sink] = (),
 ) -> Watcher:
     """Watch the gradients of `model` while it trains; returns a `Watcher` (a context manager).
@@ -443,7 +534,4 @@ def watch(
     config = WatchConfig(
         str(run_dir), every=every, probe_every=probe_every, flush_every=flush_every
     )
-    guards = list(guards)
-    if guards:
-        raise NotImplementedError("guards are not available in this version of gradwatch yet")
-    return Watcher(model, optimizer, config, sinks=list(sinks))
+    return Watcher(model, optimizer, config, guards=list(guards), sinks=list(sinks))

@@ -11,8 +11,8 @@ class ModelLayout:
 
     `tensors` / `tensor_modules` name the per-tensor columns and the module owning each tensor;
     `modules` names the per-module columns in forward order, with each module's class name and
-    whether it owns parameters, is a zeroing (ReLU-family) or a saturating (sigmoid/tanh-family)
-    activation.
+    whether it owns parameters, is one of torch.nn's own layers, is a zeroing (ReLU-family) or a
+    saturating (sigmoid/tanh-family) activation.
     """
 
     tensors: tuple[str, ...]
@@ -20,6 +20,7 @@ class ModelLayout:
     modules: tuple[str, ...]
     module_types: tuple[str, ...]
     owns_parameters: tuple[bool, ...]
+    builtin: tuple[bool, ...]
     zeroing: tuple[bool, ...]
     saturating: tuple[bool, ...]
 

@@ -77,37 +77,43 @@ def vanishing(block: StatsBlock, layout: ModelLayout, memory: Memory) -> list[Fi
     causes = []
     saturating = sorted({layout.module_types[i] for i, s in enumerate(layout.saturating) if s})
     if saturating:
-        causes.append(f"saturating {'/'.join(saturating)} activations (derivative at most 0.25 "
-                      "for sigmoid, near 0 once saturated) shrink it at every layer")
+        causes.append(
+            f"saturating {'/'.join(saturating)} activations (derivative at most 0.25 "
+            "for sigmoid, near 0 once saturated) shrink it at every layer"
+        )
     if not any("Norm" in t for t in layout.module_types):
         causes.append("no normalization layers or residual connections carry it through depth")
     causes.append("the weight init may be too small for this depth")
-    return [Finding(
-        kind="vanishing",
-        layer=layout.modules[columns[0]],
-        step=int(block.steps[0]),
-        last_step=int(block.steps[-1]),
-        severity="error" if profile[0] <= -2 * DEPTH_ORDERS else "warning",
-        message=(
-            f"the backpropagated gradient shrinks by {per_layer:.2g}x per layer over "
-            f"{len(columns)} layers: at {layout.modules[columns[0]]!r} it is "
-            f"{10 ** profile[0]:.1e} of its size at {layout.modules[columns[-1]]!r}; it falls "
-            f"below a tenth from {layout.modules[start]!r} on, and {len(weak)} layers "
-            f"({_names(layout, weak)}) get under 1/1000, so they barely learn. Likely cause: "
-            + "; ".join(causes) + "."
-        ),
-        evidence={
-            "decay_per_layer": float(per_layer),
-            "first_to_last": float(10 ** profile[0]),
-            "starts_at": layout.modules[start],
-            "relative_scale": {layout.modules[c]: float(10**p) for c, p in zip(columns, profile,
-                                                                               strict=True)},
-        },
-        remedy=(
-            "use ReLU/GELU activations with He init (nn.init.kaiming_normal_), add LayerNorm/"
-            "BatchNorm or residual connections across the deep stack, or make the net shallower"
-        ),
-    )]
+    return [
+        Finding(
+            kind="vanishing",
+            layer=layout.modules[columns[0]],
+            step=int(block.steps[0]),
+            last_step=int(block.steps[-1]),
+            severity="error" if profile[0] <= -2 * DEPTH_ORDERS else "warning",
+            message=(
+                f"the backpropagated gradient shrinks by {per_layer:.2g}x per layer over "
+                f"{len(columns)} layers: at {layout.modules[columns[0]]!r} it is "
+                f"{10 ** profile[0]:.1e} of its size at {layout.modules[columns[-1]]!r}; it falls "
+                f"below a tenth from {layout.modules[start]!r} on, and {len(weak)} layers "
+                f"({_names(layout, weak)}) get under 1/1000, so they barely learn. Likely cause: "
+                + "; ".join(causes)
+                + "."
+            ),
+            evidence={
+                "decay_per_layer": float(per_layer),
+                "first_to_last": float(10 ** profile[0]),
+                "starts_at": layout.modules[start],
+                "relative_scale": {
+                    layout.modules[c]: float(10**p) for c, p in zip(columns, profile, strict=True)
+                },
+            },
+            remedy=(
+                "use ReLU/GELU activations with He init (nn.init.kaiming_normal_), add LayerNorm/"
+                "BatchNorm or residual connections across the deep stack, or make the net shallower"
+            ),
+        )
+    ]
 
 
 def exploding(block: StatsBlock, layout: ModelLayout, memory: Memory) -> list[Finding]:
@@ -118,46 +124,53 @@ def exploding(block: StatsBlock, layout: ModelLayout, memory: Memory) -> list[Fi
     if measured is not None and measured[1][0] >= DEPTH_ORDERS:
         columns, profile = measured
         per_layer = 10 ** (profile[0] / (len(columns) - 1))
-        findings.append(Finding(
-            kind="exploding",
-            layer=layout.modules[columns[0]],
-            step=int(block.steps[0]),
-            last_step=int(block.steps[-1]),
-            severity="error",
-            message=(
-                f"the backpropagated gradient grows by {per_layer:.2g}x per layer over "
-                f"{len(columns)} layers: at {layout.modules[columns[0]]!r} it is "
-                f"{10 ** profile[0]:.1e} times its size at {layout.modules[columns[-1]]!r}. "
-                "Likely cause: weights initialised too large for their fan-in (each layer "
-                "multiplies the signal), or no normalization between layers."
-            ),
-            evidence={"growth_per_layer": float(per_layer), "first_to_last": float(10 ** profile[0])},
-            remedy=(
-                "initialise with nn.init.kaiming_normal_ (std = sqrt(2/fan_in)) or xavier, add "
-                "normalization layers, and clip gradients (gw.guards.ClipNorm or ZClip)"
-            ),
-        ))
+        findings.append(
+            Finding(
+                kind="exploding",
+                layer=layout.modules[columns[0]],
+                step=int(block.steps[0]),
+                last_step=int(block.steps[-1]),
+                severity="error",
+                message=(
+                    f"the backpropagated gradient grows by {per_layer:.2g}x per layer over "
+                    f"{len(columns)} layers: at {layout.modules[columns[0]]!r} it is "
+                    f"{10 ** profile[0]:.1e} times its size at {layout.modules[columns[-1]]!r}. "
+                    "Likely cause: weights initialised too large for their fan-in (each layer "
+                    "multiplies the signal), or no normalization between layers."
+                ),
+                evidence={
+                    "growth_per_layer": float(per_layer),
+                    "first_to_last": float(10 ** profile[0]),
+                },
+                remedy=(
+                    "initialise with nn.init.kaiming_normal_ (std = sqrt(2/fan_in)) or xavier, add "
+                    "normalization layers, and clip gradients (gw.guards.ClipNorm or ZClip)"
+                ),
+            )
+        )
     norms = block.scalar("global_grad_norm")
     finite = norms[np.isfinite(norms) & (norms > 0)]
     if finite.size and "reference" not in memory:
         memory["reference"] = float(np.median(finite))
     if finite.size and np.median(finite) > GLOBAL_GROWTH * memory["reference"]:
         level = float(np.median(finite))
-        findings.append(Finding(
-            kind="exploding",
-            layer="",
-            step=int(block.steps[0]),
-            last_step=int(block.steps[-1]),
-            severity="error",
-            message=(
-                f"the global gradient norm rose to {level:.3g}, "
-                f"{level / memory['reference']:.2g}x its level at the start of the run "
-                f"({memory['reference']:.3g}). Likely cause: a learning rate too high for this "
-                "model, so updates feed on themselves."
-            ),
-            evidence={"global_grad_norm": level, "start_level": memory["reference"]},
-            remedy="lower the learning rate or add warm-up, and clip gradients (gw.guards.ZClip)",
-        ))
+        findings.append(
+            Finding(
+                kind="exploding",
+                layer="",
+                step=int(block.steps[0]),
+                last_step=int(block.steps[-1]),
+                severity="error",
+                message=(
+                    f"the global gradient norm rose to {level:.3g}, "
+                    f"{level / memory['reference']:.2g}x its level at the start of the run "
+                    f"({memory['reference']:.3g}). Likely cause: a learning rate too high for this "
+                    "model, so updates feed on themselves."
+                ),
+                evidence={"global_grad_norm": level, "start_level": memory["reference"]},
+                remedy="lower the learning rate or add warm-up; clip gradients (gw.guards.ZClip)",
+            )
+        )
     return findings
 
 
@@ -176,8 +189,11 @@ def nonfinite(block: StatsBlock, layout: ModelLayout, memory: Memory) -> list[Fi
         if forward.size:
             origin, direction = int(forward[0]), "forward"
         elif bad_tensors.size:
-            bad = [column[layout.tensor_modules[t]] for t in bad_tensors
-                   if layout.tensor_modules[t] in column]
+            bad = [
+                column[layout.tensor_modules[t]]
+                for t in bad_tensors
+                if layout.tensor_modules[t] in column
+            ]
             last = max(bad) if bad else len(layout.modules) - 1
             origin, direction = min(last + 1, len(layout.modules) - 1), "backward"
         else:
@@ -193,32 +209,57 @@ def _nonfinite_finding(block, layout, row, step, origin, direction, bad_tensors)
     probe_rows = np.isfinite(block.tensor_series("grad_nonfinite")[row:]).any(axis=1)
     params = block.tensor_series("param_norm")[row:][probe_rows]
     hit = [layout.tensors[t] for t in np.flatnonzero((~np.isfinite(params)).any(axis=0))]
-    where = (f"the output of {name!r} ({kind}) is the first in forward order to hold NaN/Inf"
-             if direction == "forward" else
-             f"the gradient turned NaN/Inf in backward at {name!r} ({kind}): the layers before it "
-             "received non-finite gradients, the layers after it did not")
-    touched = (f"parameters now non-finite: {', '.join(hit[:5])}" if hit else
-               "parameters still finite at the probe steps of this block")
+    where = (
+        f"the output of {name!r} ({kind}) is the first in forward order to hold NaN/Inf"
+        if direction == "forward"
+        else f"the gradient turned NaN/Inf in backward at {name!r} ({kind}): the layers before it "
+        "received non-finite gradients, the layers after it did not"
+    )
+    touched = (
+        f"parameters now non-finite: {', '.join(hit[:5])}"
+        if hit
+        else "parameters still finite at the probe steps of this block"
+    )
+    stds = block.module_series("act_std")[: row + 1]
+    largest = float(np.nanmax(stds)) if np.isfinite(stds).any() else None
+    if layout.builtin[origin]:
+        cause = (
+            f"a built-in {kind} makes NaN/Inf out of finite values only by overflow: the "
+            "values reaching it grew too large"
+            + (f" (largest activation std before: {largest:.3g})" if largest else "")
+        )
+        remedy = (
+            "keep activations and updates bounded: fix the init scale or learning rate "
+            "that makes them grow, add normalization, clip gradients (gw.guards.ZClip)"
+        )
+    else:
+        cause = (
+            f"{kind} is custom code: look for a log/sqrt/division of values that reach 0 or "
+            "below, an exp that overflows, or fp16 overflow"
+        )
+        remedy = f"inspect {name!r} at step {step}; add an epsilon or clamp its input"
     return Finding(
         kind="nonfinite",
         layer=name,
         step=step,
         severity="error",
         message=f"at step {step} {where}; {len(bad_tensors)} parameter tensors got non-finite "
-                f"gradients; {touched}.",
-        evidence={"direction": direction, "module_type": kind,
-                  "nonfinite_grad_tensors": [layout.tensors[t] for t in bad_tensors[:20]],
-                  "parameters_hit": hit[:20]},
-        remedy=(
-            f"inspect {name!r} at step {step}: a log/sqrt/division of values that reach 0 or "
-            "below, an exp that overflows, or fp16 overflow; add an epsilon or clamp its input. "
-            "gw.guards.SkipNonFinite() skips such steps before they reach the weights"
-        ),
+        f"gradients; {touched}. Likely cause: {cause}.",
+        evidence={
+            "direction": direction,
+            "module_type": kind,
+            "nonfinite_grad_tensors": [layout.tensors[t] for t in bad_tensors[:20]],
+            "parameters_hit": hit[:20],
+            "largest_act_std_before": largest,
+        },
+        remedy=remedy + "; gw.guards.SkipNonFinite() skips such steps before they reach the "
+        "weights",
     )
 
 
-def _persistent(block: StatsBlock, stat: str, columns: list[int], threshold: float,
-                memory: Memory) -> list[tuple[int, int, int, float]]:
+def _persistent(
+    block: StatsBlock, stat: str, columns: list[int], threshold: float, memory: Memory
+) -> list[tuple[int, int, int, float]]:
     """Columns whose `stat` stayed >= threshold for PERSISTENT_PROBES consecutive probe steps:
     (column, first step of the streak, last step, latest value). Streaks carry across blocks."""
     values = block.module_series(stat)
@@ -246,26 +287,30 @@ def dead_units(block: StatsBlock, layout: ModelLayout, memory: Memory) -> list[F
     findings = []
     for c, first, last, share in _persistent(block, "dead_frac", columns, DEAD_FRAC, memory):
         layer = layout.feeding_layer(c)
-        findings.append(Finding(
-            kind="dead_units",
-            layer=layout.modules[layer],
-            step=first,
-            last_step=last,
-            severity="error" if share >= 0.99 else "warning",
-            message=(
-                f"{share:.0%} of the units of {layout.modules[c]!r} ({layout.module_types[c]}, "
-                f"after {layout.modules[layer]!r}) output 0 for every example of the batch, for "
-                f"{PERSISTENT_PROBES}+ probe steps in a row: they pass no gradient and stop "
-                "learning. Likely cause: pre-activations pushed below zero by a large negative "
-                "bias, a too-high learning rate or unnormalised inputs."
-            ),
-            evidence={"dead_frac": share, "activation": layout.modules[c]},
-            remedy=(
-                f"initialise the bias of {layout.modules[layer]!r} at 0 (or slightly positive), "
-                "lower the learning rate, normalise its input (BatchNorm/LayerNorm), or use "
-                "LeakyReLU/GELU, which keep a gradient below zero"
-            ),
-        ))
+        findings.append(
+            Finding(
+                kind="dead_units",
+                layer=layout.modules[layer],
+                step=first,
+                last_step=last,
+                severity="error" if share >= 0.99 else "warning",
+                message=(
+                    f"{share:.0%} of the units of {layout.modules[c]!r} ({layout.module_types[c]}, "
+                    f"after {layout.modules[layer]!r}) output 0 for every example of the batch, "
+                    "for "
+                    f"{PERSISTENT_PROBES}+ probe steps in a row: they pass no gradient and stop "
+                    "learning. Likely cause: pre-activations pushed below zero by a large negative "
+                    "bias, a too-high learning rate or unnormalised inputs."
+                ),
+                evidence={"dead_frac": share, "activation": layout.modules[c]},
+                remedy=(
+                    f"initialise the bias of {layout.modules[layer]!r} at 0 (or slightly "
+                    "positive), "
+                    "lower the learning rate, normalise its input (BatchNorm/LayerNorm), or use "
+                    "LeakyReLU/GELU, which keep a gradient below zero"
+                ),
+            )
+        )
     return findings
 
 
@@ -273,27 +318,31 @@ def saturation(block: StatsBlock, layout: ModelLayout, memory: Memory) -> list[F
     """A sigmoid/tanh-family activation with most outputs at its bounds, step after step."""
     columns = [c for c, s in enumerate(layout.saturating) if s]
     findings = []
-    for c, first, last, share in _persistent(block, "saturated_frac", columns, SATURATED_FRAC,
-                                             memory):
+    for c, first, last, share in _persistent(
+        block, "saturated_frac", columns, SATURATED_FRAC, memory
+    ):
         layer = layout.feeding_layer(c)
-        findings.append(Finding(
-            kind="saturation",
-            layer=layout.modules[c],
-            step=first,
-            last_step=last,
-            severity="warning",
-            message=(
-                f"{share:.0%} of the outputs of {layout.modules[c]!r} ({layout.module_types[c]}) "
-                f"sit within 1% of its bounds for {PERSISTENT_PROBES}+ probe steps in a row: its "
-                "derivative there is near 0, so little gradient flows back. Likely cause: its "
-                f"input from {layout.modules[layer]!r} is too large (weights, inputs or lr)."
-            ),
-            evidence={"saturated_frac": share, "fed_by": layout.modules[layer]},
-            remedy=(
-                f"scale down the input of {layout.modules[c]!r} (smaller init or inputs, a "
-                "normalization layer before it), or use a non-saturating activation (ReLU/GELU)"
-            ),
-        ))
+        findings.append(
+            Finding(
+                kind="saturation",
+                layer=layout.modules[c],
+                step=first,
+                last_step=last,
+                severity="warning",
+                message=(
+                    f"{share:.0%} of the outputs of {layout.modules[c]!r} "
+                    f"({layout.module_types[c]}) sit within 1% of its bounds for "
+                    f"{PERSISTENT_PROBES}+ probe steps in a row: its "
+                    "derivative there is near 0, so little gradient flows back. Likely cause: its "
+                    f"input from {layout.modules[layer]!r} is too large (weights, inputs or lr)."
+                ),
+                evidence={"saturated_frac": share, "fed_by": layout.modules[layer]},
+                remedy=(
+                    f"scale down the input of {layout.modules[c]!r} (smaller init or inputs, a "
+                    "normalization layer before it), or use a non-saturating activation (ReLU/GELU)"
+                ),
+            )
+        )
     return findings
 
 
@@ -323,25 +372,34 @@ def spike(block: StatsBlock, layout: ModelLayout, memory: Memory) -> list[Findin
     with np.errstate(divide="ignore", invalid="ignore"):
         jump = grads[worst[4]] / np.nanmedian(grads, axis=0)
     top = layout.tensors[int(np.nanargmax(jump))] if np.isfinite(jump).any() else None
-    return [Finding(
-        kind="spike",
-        layer="",
-        step=found[0][0],
-        last_step=found[-1][0],
-        severity="warning",
-        message=(
-            f"{memory['count']} gradient-norm spikes so far; the largest at step {worst[0]}: "
-            f"{worst[1]:.3g}, {worst[2]:.1f}x the running level (robust z = {worst[3]:.0f})"
-            + (f", led by {top!r}" if top else "") + ". Likely cause: an outlier or corrupted "
-            "batch, or a learning rate at the edge of stability."
-        ),
-        evidence={"count": memory["count"], "steps": memory["steps"][:50],
-                  "largest_ratio": worst[2], "largest_step": worst[0], "leading_tensor": top},
-        remedy=(
-            "cap spikes with gw.guards.ZClip() (or ClipNorm), check the batches at these steps, "
-            "and lower the learning rate or lengthen warm-up"
-        ),
-    )]
+    return [
+        Finding(
+            kind="spike",
+            layer="",
+            step=found[0][0],
+            last_step=found[-1][0],
+            severity="warning",
+            message=(
+                f"{memory['count']} gradient-norm spikes so far; the largest at step {worst[0]}: "
+                f"{worst[1]:.3g}, {worst[2]:.1f}x the running level (robust z = {worst[3]:.0f})"
+                + (f", led by {top!r}" if top else "")
+                + ". Likely cause: an outlier or corrupted "
+                "batch, or a learning rate at the edge of stability."
+            ),
+            evidence={
+                "count": memory["count"],
+                "steps": memory["steps"][:50],
+                "largest_ratio": worst[2],
+                "largest_step": worst[0],
+                "leading_tensor": top,
+            },
+            remedy=(
+                "cap spikes with gw.guards.ZClip() (or ClipNorm), check the batches at these "
+                "steps, "
+                "and lower the learning rate or lengthen warm-up"
+            ),
+        )
+    ]
 
 
 RULES = (vanishing, exploding, nonfinite, dead_units, saturation, spike)

@@ -1,5 +1,20 @@
-"""Guards act on the gradients of a step inside the optimizer's step pre-hook."""
+"""Guards act on the gradients of each step inside the optimizer's step pre-hook, in order.
 
-from gradwatch.guards.base import Event, Guard
+`gw.watch(model, optimizer, guards=[gw.guards.SkipNonFinite(), gw.guards.ZClip()])`.
+"""
 
-__all__ = ["Event", "Guard"]
+from gradwatch.guards.base import Guard, GuardContext
+from gradwatch.guards.clip import AGC, AutoClip, ClipNorm, ClipValue, ZClip
+from gradwatch.guards.recover import Rollback, SkipNonFinite
+
+__all__ = [
+    "AGC",
+    "AutoClip",
+    "ClipNorm",
+    "ClipValue",
+    "Guard",
+    "GuardContext",
+    "Rollback",
+    "SkipNonFinite",
+    "ZClip",
+]

@@ -10,7 +10,8 @@ channel axis for outputs of 4 or more dimensions):
 - `act_nonfinite`  1 if y held a NaN/±Inf at this step, else 0. Every recorded step; costs one
                    `sum` over y per module (a NaN/Inf anywhere makes the sum non-finite).
 - `signal_norm`    ‖∂L/∂y‖₂, the backpropagated signal at the module's output, from a tensor hook
-                   on y (not a full backward hook, which breaks on in-place activations). Probe steps.
+                   on y (not a full backward hook, which breaks on in-place activations).
+                   Probe steps.
 - `act_mean`, `act_std`  mean and standard deviation of y. Probe steps.
 - `dead_frac`      share of units whose output is 0 for every example of the batch. Probe steps.
 - `saturated_frac` share of outputs within 1% (of the output range) of a bound, for bounded
@@ -149,6 +150,10 @@ class ModuleProbes:
 
     def saturating(self, column: int) -> bool:
         return self._bounds[column] is not None
+
+    def builtin(self, column: int) -> bool:
+        """Whether the module is one of torch.nn's own layers (not a user's custom module)."""
+        return type(self._modules[column]).__module__.startswith("torch.nn.")
 
     def owns_parameters(self, column: int) -> bool:
         return any(True for _ in self._modules[column].parameters(recurse=False))

@@ -1,0 +1,207 @@
+"""Recovery guards: SkipNonFinite drops a poisoned step, Rollback restores the last good state."""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from gradwatch.guards.base import Event, Guard, GuardContext
+
+
+class SkipNonFinite(Guard):
+    """Skip the optimizer step when any gradient holds a NaN or Inf.
+
+    The step's gradients are dropped (`.grad = None`), so the optimizer leaves every parameter and
+    its state (momentum, Adam moments, step counts) untouched; a `skip` event is recorded.
+    Host sync: one scalar per step (whether the gradient norm is finite). Cost: nothing else.
+    """
+
+    def __init__(self) -> None:
+        self.label = "SkipNonFinite"
+        self.skipped = 0
+
+    def apply(self, ctx: GuardContext) -> None:
+        if ctx.skipped:
+            return
+        norm = ctx.current_norm()
+        if not bool(torch.isfinite(norm)):  # host sync: skipping is a host decision
+            ctx.skip_step()
+            self.skipped += 1
+            ctx.event(Event("skip", ctx.step, self.label, {"reason": "non-finite gradients"}))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"skipped": self.skipped}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.skipped = int(state["skipped"])
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    step: int
+    model: dict[str, Tensor]
+    optimizer: dict[str, Any]
+    lrs: tuple[float, ...]
+
+
+def _to_host(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: _to_host(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_host(v) for v in value)
+    return value
+
+
+class Rollback(Guard):
+    """Restore the last good model and optimizer state when training diverges, with a lower lr.
+
+    Every `every` steps, while training is healthy, the model's and the optimizer's state dicts
+    are copied to host memory (the last `keep` copies are held). At a step whose gradients are
+    non-finite, whose last logged `loss` (from `w.log(loss=...)`) is non-finite or above
+    `divergence` times the median of the last `window` healthy losses, or after `max_skips`
+    consecutive skipped steps, the guard restores the newest snapshot (an older one if training
+    diverged again before a new snapshot was taken), multiplies every param group's lr by
+    `lr_factor`, skips the step and records a `rollback` event. After `max_rollbacks` rollbacks
+    it raises an error that says what to change.
+
+    Host sync: two scalars per step (gradient norm and loss), plus the snapshot copies. Memory:
+    `keep` copies of the model and optimizer state in host RAM. An lr scheduler that sets the lr
+    from scratch each step overrides the lowered lr. Snapshots are not part of `state_dict()`.
+    """
+
+    def __init__(
+        self,
+        every: int = 100,
+        keep: int = 2,
+        lr_factor: float = 0.5,
+        max_rollbacks: int = 5,
+        divergence: float = 10.0,
+        window: int = 50,
+        max_skips: int = 3,
+    ) -> None:
+        for name, value in (
+            ("every", every),
+            ("keep", keep),
+            ("max_rollbacks", max_rollbacks),
+            ("window", window),
+            ("max_skips", max_skips),
+        ):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if not 0 < lr_factor <= 1:
+            raise ValueError(f"lr_factor must be in (0, 1], got {lr_factor!r}")
+        if not divergence > 1:
+            raise ValueError(f"divergence must be > 1, got {divergence!r}")
+        self.every, self.keep, self.lr_factor = every, keep, float(lr_factor)
+        self.max_rollbacks, self.divergence, self.max_skips = max_rollbacks, divergence, max_skips
+        self.label = "Rollback"
+        self.runs_on_skipped_steps = True  # consecutive skips are one of its triggers
+        self.rollbacks = 0
+        self._losses: deque[float] = deque(maxlen=window)
+        self._snapshots: deque[_Snapshot] = deque(maxlen=keep)
+        self._skips = 0
+        self._fresh_since_rollback = True
+        self._ignore_loss_at = -1
+
+    def apply(self, ctx: GuardContext) -> None:
+        if ctx.optimizer is None:
+            raise RuntimeError("Rollback needs the optimizer: pass it to gw.watch()")
+        if not self._snapshots:  # the state before the first update is the first good one
+            self._snapshot(ctx)
+        reason = self._diagnose(ctx)
+        if reason is not None:
+            self._roll_back(ctx, reason)
+        elif not ctx.skipped and (
+            not self._snapshots or ctx.step - self._snapshots[-1].step >= self.every
+        ):
+            self._snapshot(ctx)
+
+    def _diagnose(self, ctx: GuardContext) -> str | None:
+        loss = ctx.loss if ctx.step != self._ignore_loss_at else None
+        loss_value = torch.as_tensor(math.nan if loss is None else loss).detach().float()
+        norm, loss_value = torch.stack(
+            [ctx.current_norm().float().cpu(), loss_value.cpu()]
+        ).tolist()  # host sync: the rollback decision is made on the host
+        self._skips = self._skips + 1 if ctx.skipped else 0
+        if self._skips >= self.max_skips:
+            return f"{self._skips} consecutive skipped steps"
+        if ctx.skipped:
+            return None
+        if not math.isfinite(norm):
+            return "non-finite gradients"
+        if loss is None:
+            return None
+        if not math.isfinite(loss_value):
+            return "non-finite loss"
+        if len(self._losses) >= 10:
+            level = float(np.median(self._losses))
+            if loss_value > self.divergence * max(level, 1e-12):
+                return f"loss {loss_value:.4g} is {loss_value / level:.1f}x its running median"
+        self._losses.append(loss_value)
+        return None
+
+    def _snapshot(self, ctx: GuardContext) -> None:
+        assert ctx.optimizer is not None
+        self._snapshots.append(
+            _Snapshot(
+                step=ctx.step,
+                model=_to_host(ctx.model.state_dict()),
+                optimizer=_to_host(ctx.optimizer.state_dict()),
+                lrs=tuple(g["lr"] for g in ctx.optimizer.param_groups),
+            )
+        )
+        self._fresh_since_rollback = True
+
+    def _roll_back(self, ctx: GuardContext, reason: str) -> None:
+        assert ctx.optimizer is not None
+        if self.rollbacks >= self.max_rollbacks:
+            raise RuntimeError(
+                f"Rollback gave up at step {ctx.step} after {self.rollbacks} rollbacks: training "
+                f"keeps diverging ({reason}). Lower the learning rate, check the data around "
+                "this step, or raise max_rollbacks"
+            )
+        if not self._fresh_since_rollback and len(self._snapshots) > 1:
+            self._snapshots.pop()  # it diverged again from this one: go further back
+        snapshot = self._snapshots[-1]
+        current_lrs = [g["lr"] for g in ctx.optimizer.param_groups]
+        ctx.model.load_state_dict(snapshot.model)
+        ctx.optimizer.load_state_dict(snapshot.optimizer)
+        for group, old, now in zip(
+            ctx.optimizer.param_groups, snapshot.lrs, current_lrs, strict=True
+        ):
+            group["lr"] = min(old, now) * self.lr_factor
+        ctx.skip_step()
+        self.rollbacks += 1
+        self._skips = 0
+        self._fresh_since_rollback = False
+        self._ignore_loss_at = ctx.step + 1  # the next logged loss is this diverged step's
+        ctx.event(
+            Event(
+                "rollback",
+                ctx.step,
+                self.label,
+                {
+                    "reason": reason,
+                    "restored_step": snapshot.step,
+                    "rollbacks": self.rollbacks,
+                    "lr": [g["lr"] for g in ctx.optimizer.param_groups],
+                },
+            )
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rollbacks": self.rollbacks, "losses": list(self._losses), "skips": self._skips}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rollbacks = int(state["rollbacks"])
+        self._losses.clear()
+        self._losses.extend(state["losses"])
+        self._skips = int(state["skips"])
