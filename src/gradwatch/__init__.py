@@ -1,12 +1,14 @@
 """gradwatch: see and guard the gradients of deep-network training.
 
-Public API: `watch`, `Watcher`, `WatchConfig`, `open_run`, `Run`, `Finding`, `Event`, `guards`.
+Public API: `watch`, `Watcher`, `WatchConfig`, `open_run`, `Run`, `Finding`, `Event`, `guards`,
+`gradcheck`.
 """
 
 from __future__ import annotations
 
 from gradwatch import guards
 from gradwatch.detect.findings import Finding
+from gradwatch.gradcheck import GradcheckReport, GradcheckRow, gradcheck
 from gradwatch.guards.base import Event
 from gradwatch.store import Run, open_run
 from gradwatch.watcher import WatchConfig, Watcher, watch
@@ -16,10 +18,13 @@ __version__ = "0.1.0"
 __all__ = [
     "Event",
     "Finding",
+    "GradcheckReport",
+    "GradcheckRow",
     "Run",
     "WatchConfig",
     "Watcher",
     "__version__",
+    "gradcheck",
     "guards",
     "open_run",
     "watch",

@@ -16,6 +16,44 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gradcheck(args: argparse.Namespace) -> int:
+    """Build model and inputs with the user's factory, check them, exit 1 on a mismatch."""
+    import importlib
+
+    from gradwatch.gradcheck import gradcheck
+
+    module_name, _, factory_name = args.factory.partition(":")
+    if not module_name or not factory_name:
+        print(
+            f"gradwatch gradcheck: expected MODULE:FACTORY (e.g. mymodels:make_net), "
+            f"got {args.factory!r}",
+            file=sys.stderr,
+        )
+        return 2
+    sys.path.insert(0, str(Path.cwd()))
+    try:
+        factory = getattr(importlib.import_module(module_name), factory_name)
+    except (ImportError, AttributeError) as exc:
+        print(f"gradwatch gradcheck: cannot load {args.factory!r}: {exc}", file=sys.stderr)
+        return 2
+    built = factory()
+    if not isinstance(built, tuple) or len(built) not in (2, 3):
+        print(
+            f"gradwatch gradcheck: {args.factory} must return (model, inputs) or "
+            f"(model, inputs, loss_fn), got {type(built).__name__}",
+            file=sys.stderr,
+        )
+        return 2
+    report = gradcheck(*built, seed=args.seed)
+    try:
+        from rich.console import Console
+
+        Console().print(report)
+    except ImportError:
+        print(report)
+    return 0 if report.ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gradwatch", description="See and guard the gradients of deep-network training."
@@ -27,6 +65,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="runs/demo", help="where the run stores go")
     demo.add_argument("--steps", type=int, default=300, help="training steps per scenario")
     demo.set_defaults(handler=_demo)
+    check = commands.add_parser(
+        "gradcheck",
+        help="check a model's backward against finite differences; exit 1 on a mismatch",
+    )
+    check.add_argument(
+        "factory",
+        help="MODULE:FACTORY, a function returning (model, inputs"
+        "[, loss_fn]); MODULE is imported from the current folder",
+    )
+    check.add_argument("--seed", type=int, default=0)
+    check.set_defaults(handler=_gradcheck)
     return parser
 
 

@@ -1,0 +1,443 @@
+"""`gw.gradcheck`: check a model's backpropagation against finite differences and name the module
+whose backward is wrong.
+
+The check runs on a float64 deep copy, so the user's model keeps its dtype, mode, weights, `.grad`
+and hooks. Every forward pass is made under the same forked and seeded RNG, so dropout draws the
+same masks in every evaluation and train-mode models check correctly.
+
+- Parameter check, per parameter tensor p: for a random unit direction v, the directional derivative
+  <∂L/∂p, v> from autograd against the central difference (L(p + εv) − L(p − εv)) / 2ε.
+- Module check, per module m, on the inputs x it received in the model's forward pass (positional,
+  keyword, tuples): for random u over its floating inputs and its parameters, and random g over its
+  outputs, <VJP_m(g), u> from autograd against <g, m(x + εu) − m(x − εu)> / 2ε.
+
+Rows disagreeing beyond tolerance are `mismatch`; the culprits are the innermost modules with a
+mismatch (a module whose children all agree but which disagrees holds the wrong backward itself).
+A disagreeing row is `inconclusive`, never `mismatch`, when the difference is dominated by rounding
+(the slopes at steps ε and ε/1000 disagree: the function moves by whole rounding steps, as after a
+cast to lower precision inside), or when the two one-sided slopes differ from each other and keep
+their values at both steps (a kink: ReLU at 0, max, abs, sort).
+
+Cost: one forward and backward of the model, 2 forward passes per parameter tensor, and one
+forward-backward plus 2 forward passes of each module: it grows with the number of tensors and
+modules, not with the number of parameters. `report.evaluations` counts the forward passes.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+STATUSES = ("ok", "mismatch", "inconclusive")
+_ROUNDING = 64 * 2.0**-52  # float64 rounding allowance, relative to the values differenced
+
+
+@dataclass(frozen=True, slots=True)
+class GradcheckRow:
+    """One comparison: a parameter's directional derivative or a module's VJP."""
+
+    name: str
+    kind: str  # "parameter" | "module"
+    status: str  # "ok" | "mismatch" | "inconclusive"
+    analytic: float
+    numeric: float
+    rel_error: float
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class GradcheckReport:
+    """What `gw.gradcheck` found: `ok` is True when no row is a mismatch."""
+
+    rows: list[GradcheckRow]
+    culprits: list[str]
+    evaluations: int
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(r.status != "mismatch" for r in self.rows)
+
+    def __str__(self) -> str:
+        counts = {s: sum(r.status == s for r in self.rows) for s in STATUSES}
+        head = (
+            "gradcheck: backward agrees with finite differences"
+            if self.ok
+            else f"gradcheck: WRONG BACKWARD in {', '.join(repr(c) for c in self.culprits)}"
+        )
+        lines = [
+            head,
+            f"{len(self.rows)} checks ({counts['ok']} ok, {counts['mismatch']} "
+            f"mismatch, {counts['inconclusive']} inconclusive), "
+            f"{self.evaluations} forward evaluations",
+        ]
+        lines += [f"note: {n}" for n in self.notes]
+        width = max([len(r.name or "(model)") for r in self.rows] + [4])
+        lines.append(
+            f"{'name':<{width}}  {'kind':<9}  {'status':<12}  {'analytic':>12}  "
+            f"{'numeric':>12}  {'rel err':>8}  reason"
+        )
+        order = sorted(
+            self.rows, key=lambda r: (r.name not in self.culprits, STATUSES.index(r.status) != 1)
+        )
+        for r in order:
+            lines.append(
+                f"{r.name or '(model)':<{width}}  {r.kind:<9}  {r.status:<12}  "
+                f"{r.analytic:>12.5g}  {r.numeric:>12.5g}  {r.rel_error:>8.1e}  "
+                f"{r.reason}"
+            )
+        return "\n".join(lines)
+
+    def __rich__(self) -> Any:
+        from rich.table import Table
+
+        table = Table(title=str(self).splitlines()[0], caption=str(self).splitlines()[1])
+        for column in ("name", "kind", "status", "analytic", "numeric", "rel err", "reason"):
+            table.add_column(column)
+        style = {"ok": "green", "mismatch": "bold red", "inconclusive": "yellow"}
+        for r in sorted(self.rows, key=lambda r: r.name not in self.culprits):
+            table.add_row(
+                r.name or "(model)",
+                r.kind,
+                f"[{style[r.status]}]{r.status}[/]",
+                f"{r.analytic:.5g}",
+                f"{r.numeric:.5g}",
+                f"{r.rel_error:.1e}",
+                r.reason,
+            )
+        return table
+
+
+def _floating_tensors(obj: Any) -> Iterator[Tensor]:
+    """The floating-point tensors in a (nested) output or argument structure, in order."""
+    if isinstance(obj, Tensor):
+        if obj.is_floating_point():
+            yield obj
+    elif isinstance(obj, dict):
+        for value in obj.values():
+            yield from _floating_tensors(value)
+    elif isinstance(obj, (list, tuple)):
+        for value in obj:
+            yield from _floating_tensors(value)
+
+
+def _map_floating(obj: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+    """Rebuild a (nested) structure with `fn` applied to each floating-point tensor."""
+    if isinstance(obj, Tensor):
+        return fn(obj) if obj.is_floating_point() else obj
+    if isinstance(obj, dict):
+        return type(obj)({k: _map_floating(v, fn) for k, v in obj.items()})
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
+        return type(obj)(*(_map_floating(v, fn) for v in obj))
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_map_floating(v, fn) for v in obj)
+    return obj
+
+
+class _Evaluator:
+    """Runs forward passes under one fixed RNG state and counts them."""
+
+    def __init__(self, seed: int, devices: list[torch.device]) -> None:
+        self.seed = seed
+        self.devices = [d for d in devices if d.type == "cuda"]
+        self.count = 0
+
+    def __call__(self, fn: Callable[[], Any]) -> Any:
+        self.count += 1
+        with torch.random.fork_rng(devices=self.devices):
+            torch.manual_seed(self.seed)
+            return fn()
+
+
+def _compare(
+    name: str,
+    kind: str,
+    analytic: float,
+    plus: float,
+    zero: float,
+    minus: float,
+    eps: float,
+    rtol: float,
+    atol: float,
+    recheck: Callable[[float], tuple[float, float, float]],
+) -> GradcheckRow:
+    """Judge an analytic derivative against central and one-sided differences."""
+    numeric = (plus - minus) / (2 * eps)
+    scale = max(abs(analytic), abs(numeric))
+    noise = _ROUNDING * max(abs(plus), abs(zero), abs(minus)) / eps
+    tolerance = atol + rtol * scale + noise
+    rel = abs(analytic - numeric) / scale if scale > 0 else 0.0
+    if not all(math.isfinite(v) for v in (analytic, plus, zero, minus)):
+        return GradcheckRow(
+            name,
+            kind,
+            "inconclusive",
+            analytic,
+            numeric,
+            rel,
+            "a non-finite value in the forward pass or the gradient",
+        )
+    error = abs(analytic - numeric)
+    if error <= tolerance:
+        return GradcheckRow(name, kind, "ok", analytic, numeric, rel)
+    # Slopes at a step 1000x smaller must match the one-sided slopes at ε: a kink is piecewise
+    # linear (same slopes at both scales), a smooth function barely curves in between, but a
+    # function computed at low precision moves by whole rounding steps (0, or far too much).
+    tiny = eps / 1000
+    tiny_plus, _, tiny_minus = recheck(tiny)
+    right, left = (plus - zero) / eps, (zero - minus) / eps
+    tiny_right, tiny_left = (tiny_plus - zero) / tiny, (zero - tiny_minus) / tiny
+    slack = 0.05 * (abs(right) + abs(left) + abs(analytic)) + _ROUNDING * abs(zero) / tiny
+    if abs(tiny_right - right) > slack or abs(tiny_left - left) > slack:
+        return GradcheckRow(
+            name,
+            kind,
+            "inconclusive",
+            analytic,
+            numeric,
+            rel,
+            "rounding dominates the difference: a cast to lower precision "
+            "inside? (slopes at ε and ε/1000 disagree)",
+        )
+    if abs(right - left) > max(1e-3 * scale, tolerance):
+        return GradcheckRow(
+            name,
+            kind,
+            "inconclusive",
+            analytic,
+            numeric,
+            rel,
+            f"a kink (ReLU at 0, max, abs, sort): the one-sided slopes "
+            f"{left:.4g} and {right:.4g} differ",
+        )
+    return GradcheckRow(
+        name,
+        kind,
+        "mismatch",
+        analytic,
+        numeric,
+        rel,
+        f"autograd {analytic:.6g} vs finite difference {numeric:.6g}",
+    )
+
+
+def _unit(like: Tensor, generator: torch.Generator) -> Tensor:
+    v = torch.randn(like.shape, generator=generator, dtype=torch.float64).to(like.device)
+    return v / v.norm().clamp_min(1e-300)
+
+
+def _projection_loss(output: Any, seed: int) -> Tensor:
+    """Default loss: <output, R> for a fixed random R per floating output tensor."""
+    generator = torch.Generator().manual_seed(seed + 1)
+    terms = [
+        (t * torch.randn(t.shape, generator=generator, dtype=t.dtype).to(t.device)).sum()
+        for t in _floating_tensors(output)
+    ]
+    if not terms:
+        raise ValueError("the model's output holds no floating-point tensor to differentiate")
+    return torch.stack(terms).sum()
+
+
+def gradcheck(
+    model: nn.Module,
+    inputs: Tensor | tuple[Any, ...],
+    loss_fn: Callable[[Any], Tensor] | None = None,
+    *,
+    seed: int = 0,
+    eps: float | None = None,
+    rtol: float = 1e-5,
+    atol: float = 1e-10,
+) -> GradcheckReport:
+    """Check `model`'s backward against finite differences; name the module that is wrong.
+
+    Args:
+        model: the model; it is not modified (the check runs on a float64 deep copy).
+        inputs: a tensor, or a tuple passed as `model(*inputs)`.
+        loss_fn: `loss_fn(output) -> scalar`. Default: a fixed random projection of the output,
+            <output, R> with R ~ N(0, 1) seeded by `seed` (a sum or a norm can hide errors, and
+            normalization layers make them flat).
+        seed: seeds the random directions, the projection and every forward pass's RNG.
+        eps: finite-difference step along unit directions. Default 1e-6.
+        rtol, atol: tolerance |analytic − numeric| <= atol + rtol·max(|analytic|, |numeric|),
+            plus an allowance for float64 rounding in the differences.
+
+    Returns a `GradcheckReport`. Syncs with the host (it is a test, not a training-step tool).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"gradcheck() needs a torch.nn.Module as model, got {type(model).__name__}")
+    args = inputs if isinstance(inputs, tuple) else (inputs,)
+    if not all(
+        isinstance(a, (Tensor, int, float, bool, type(None), list, tuple, dict)) for a in args
+    ):
+        raise TypeError("inputs must be a tensor or a tuple of model arguments")
+    eps = 1e-6 if eps is None else float(eps)
+    loss_of = loss_fn or (lambda out: _projection_loss(out, seed))
+    checked = copy.deepcopy(model).double()
+    for p in checked.parameters():
+        p.grad = None
+    args = _map_floating(args, lambda t: t.detach().to(torch.float64))
+    devices = list(
+        {p.device for p in checked.parameters()} | {t.device for t in _floating_tensors(args)}
+    )
+    evaluate = _Evaluator(seed, devices)
+
+    captured: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}
+    handles = [
+        m.register_forward_pre_hook(_capture(name, captured), with_kwargs=True)
+        for name, m in checked.named_modules()
+    ]
+    try:
+
+        def loss() -> Tensor:
+            return evaluate(lambda: loss_of(checked(*args)))
+
+        base = loss()
+    finally:
+        for h in handles:
+            h.remove()
+    if base.numel() != 1:
+        raise ValueError(f"loss_fn must return a scalar, got shape {tuple(base.shape)}")
+    named = [(n, p) for n, p in checked.named_parameters() if p.requires_grad]
+    grads = torch.autograd.grad(base, [p for _, p in named], allow_unused=True)
+    rows = _parameter_rows(named, grads, loss, float(base.detach()), seed, eps, rtol, atol)
+    notes = [
+        f"{n} gets no gradient (unused in the forward pass)"
+        for (n, _), g in zip(named, grads, strict=True)
+        if g is None
+    ]
+    rows += [
+        _module_row(name, module, captured[name], evaluate, seed + 1000 + i, eps, rtol, atol)
+        for i, (name, module) in enumerate(checked.named_modules())
+        if name in captured
+    ]
+    rows = [r for r in rows if r is not None]
+    return GradcheckReport(rows, _culprits(rows), evaluate.count, notes)
+
+
+def _capture(name: str, captured: dict) -> Callable[..., None]:
+    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if name not in captured:  # a module called twice is checked on its first call
+            clone = lambda t: t.detach().clone()  # noqa: E731
+            captured[name] = (_map_floating(args, clone), _map_floating(kwargs, clone))
+
+    return hook
+
+
+def _parameter_rows(named, grads, loss, base, seed, eps, rtol, atol) -> list[GradcheckRow]:
+    generator = torch.Generator().manual_seed(seed + 2)
+    rows = []
+    for (name, p), grad in zip(named, grads, strict=True):
+        if grad is None:
+            continue
+        v = _unit(p, generator)
+
+        def shifted(step: float, p: Tensor = p, v: Tensor = v) -> tuple[float, float, float]:
+            values = []
+            with torch.no_grad():
+                original = p.detach().clone()
+                for sign in (1.0, -1.0):
+                    p.copy_(original + sign * step * v)
+                    values.append(float(loss()))
+                p.copy_(original)
+            return values[0], base, values[1]
+
+        plus, zero, minus = shifted(eps)
+        rows.append(
+            _compare(
+                name,
+                "parameter",
+                float((grad * v).sum()),
+                plus,
+                zero,
+                minus,
+                eps,
+                rtol,
+                atol,
+                shifted,
+            )
+        )
+    return rows
+
+
+def _module_row(name, module, captured, evaluate, seed, eps, rtol, atol) -> GradcheckRow | None:
+    args, kwargs = captured
+    inputs = list(_floating_tensors((args, kwargs)))
+    params = [p for p in module.parameters() if p.requires_grad]
+    if not inputs and not params:
+        return None
+    generator = torch.Generator().manual_seed(seed)
+    # Perturb only finite entries: masks with -inf stay as they are.
+    directions = [_unit(t, generator) * torch.isfinite(t) for t in inputs]
+    param_directions = [_unit(p, generator) for p in params]
+
+    def run(shift: float) -> Any:
+        moved = iter([t + shift * d for t, d in zip(inputs, directions, strict=True)])
+        new_args, new_kwargs = _map_floating((args, kwargs), lambda t: next(moved))
+        return module(*new_args, **new_kwargs)
+
+    leaves = [t.clone().requires_grad_() for t in inputs]
+
+    def run_with_leaves() -> Any:
+        # clones of the leaves go in, so in-place modules (ReLU(inplace=True)) are fine
+        feed = iter([leaf.clone() for leaf in leaves])
+        new_args, new_kwargs = _map_floating((args, kwargs), lambda t: next(feed))
+        return module(*new_args, **new_kwargs)
+
+    output = evaluate(run_with_leaves)
+    outs = list(_floating_tensors(output))
+    if not outs:
+        return None
+    g_generator = torch.Generator().manual_seed(seed + 1)
+    cotangents = [
+        torch.randn(o.shape, generator=g_generator, dtype=o.dtype).to(o.device) for o in outs
+    ]
+    projected = sum((o * c).sum() for o, c in zip(outs, cotangents, strict=True))
+    wrt = leaves + params
+    if not projected.requires_grad:
+        return None
+    vjp = torch.autograd.grad(projected, wrt, allow_unused=True)
+    analytic = sum(
+        float((g * d).sum())
+        for g, d in zip(vjp, directions + param_directions, strict=True)
+        if g is not None
+    )
+
+    def projected_at(step: float) -> float:
+        with torch.no_grad():
+            originals = [p.detach().clone() for p in params]
+            for p, d in zip(params, param_directions, strict=True):
+                p.add_(step * d)
+            try:
+                out = evaluate(lambda: run(step))
+                return float(
+                    sum(
+                        (o * c).sum()
+                        for o, c in zip(_floating_tensors(out), cotangents, strict=True)
+                    )
+                )
+            finally:
+                for p, original in zip(params, originals, strict=True):
+                    p.copy_(original)
+
+    def shifted(step: float) -> tuple[float, float, float]:
+        return projected_at(step), projected_at(0.0), projected_at(-step)
+
+    plus, minus = projected_at(eps), projected_at(-eps)
+    zero = float(projected.detach())
+    return _compare(name, "module", analytic, plus, zero, minus, eps, rtol, atol, shifted)
+
+
+def _culprits(rows: list[GradcheckRow]) -> list[str]:
+    """Innermost mismatching modules: no mismatching module lies inside them."""
+    bad = [r.name for r in rows if r.kind == "module" and r.status == "mismatch"]
+
+    def inside(child: str, parent: str) -> bool:
+        return child != parent and (parent == "" or child.startswith(parent + "."))
+
+    return [b for b in bad if not any(inside(other, b) for other in bad)]
