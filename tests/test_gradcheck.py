@@ -1,4 +1,4 @@
-"""gw.gradcheck: wrong backwards are caught and named; correct models pass; the model is untouched."""
+"""gw.gradcheck: wrong backwards are caught and named; correct models pass; the model is kept."""
 
 from __future__ import annotations
 
@@ -87,7 +87,7 @@ class LSTMHead(nn.Module):
         self.head = nn.Linear(8, 3)
 
     def forward(self, x):
-        out, (h, c) = self.lstm(x)
+        out, (h, _) = self.lstm(x)
         return self.head(out[:, -1]) + h.sum() * 0.1
 
 
@@ -165,7 +165,7 @@ def test_a_cast_to_lower_precision_is_inconclusive_with_a_rounding_reason():
 
     model = nn.Sequential(nn.Linear(5, 8), Rounds(), nn.Linear(8, 3))
     report = gw.gradcheck(model, torch.randn(4, 5))
-    rounded = [r for r in report.rows if r.name == "1"][0]
+    rounded = next(r for r in report.rows if r.name == "1")
     assert rounded.status == "inconclusive" and "rounding" in rounded.reason
     assert report.ok
 
@@ -199,7 +199,7 @@ def test_cost_grows_with_tensors_and_modules_not_parameters():
 
 
 def test_bad_input_is_refused_clearly():
-    with pytest.raises(TypeError, match="needs a torch.nn.Module"):
+    with pytest.raises(TypeError, match=r"needs a torch\.nn\.Module"):
         gw.gradcheck("model", torch.randn(2))
     with pytest.raises(ValueError, match="loss_fn must return a scalar"):
         gw.gradcheck(nn.Linear(2, 2), torch.randn(3, 2), loss_fn=lambda out: out)
