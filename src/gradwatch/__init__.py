@@ -1,15 +1,16 @@
 """gradwatch: see and guard the gradients of deep-network training.
 
 Public API: `watch`, `Watcher`, `WatchConfig`, `open_run`, `Run`, `Finding`, `Event`, `guards`,
-`gradcheck`.
+`gradcheck`, `report`, `sinks`.
 """
 
 from __future__ import annotations
 
-from gradwatch import guards
+from gradwatch import guards, sinks
 from gradwatch.detect.findings import Finding
 from gradwatch.gradcheck import GradcheckReport, GradcheckRow, gradcheck
 from gradwatch.guards.base import Event
+from gradwatch.report.html import report
 from gradwatch.store import Run, open_run
 from gradwatch.watcher import WatchConfig, Watcher, watch
 
@@ -27,5 +28,7 @@ __all__ = [
     "gradcheck",
     "guards",
     "open_run",
+    "report",
+    "sinks",
     "watch",
 ]

@@ -16,6 +16,31 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from gradwatch.report.html import report, write_pngs
+
+    if args.png:
+        for path in write_pngs(args.run, args.png):
+            print(path)
+    if args.png is None or args.output is not None:
+        print(report(args.run, args.output or Path(args.run) / "report.html"))
+    return 0
+
+
+def _summary(args: argparse.Namespace) -> int:
+    from gradwatch.report.summary import print_summary
+
+    print_summary(args.run)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from gradwatch.sinks.tensorboard import export_tensorboard
+
+    print(export_tensorboard(args.run, args.tensorboard))
+    return 0
+
+
 def _gradcheck(args: argparse.Namespace) -> int:
     """Build model and inputs with the user's factory, check them, exit 1 on a mismatch."""
     import importlib
@@ -65,6 +90,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="runs/demo", help="where the run stores go")
     demo.add_argument("--steps", type=int, default=300, help="training steps per scenario")
     demo.set_defaults(handler=_demo)
+    report = commands.add_parser("report", help="write a run's self-contained HTML report")
+    report.add_argument("run", help="a run directory (the run_dir given to gw.watch)")
+    report.add_argument("-o", "--output", help="the HTML file (default: RUN/report.html)")
+    report.add_argument("--png", metavar="DIR", help="write the charts as PNG files into DIR")
+    report.set_defaults(handler=_report)
+    summary = commands.add_parser("summary", help="print a run's verdict, findings, worst layers")
+    summary.add_argument("run")
+    summary.set_defaults(handler=_summary)
+    export = commands.add_parser("export", help="export a run to TensorBoard event files")
+    export.add_argument("run")
+    export.add_argument("--tensorboard", metavar="DIR", required=True)
+    export.set_defaults(handler=_export)
     check = commands.add_parser(
         "gradcheck",
         help="check a model's backward against finite differences; exit 1 on a mismatch",
@@ -84,6 +121,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.ERROR, format="%(message)s")
     try:
         return args.handler(args)
+    except (FileNotFoundError, ImportError, ValueError) as exc:  # a bad path or missing extra
+        print(f"gradwatch {args.command}: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -102,6 +102,7 @@ class Outcome:
     findings: list[gw.Finding]
     final_loss: float
     test_accuracy: float
+    report: Path
 
 
 def train_scenario(
@@ -125,7 +126,8 @@ def train_scenario(
             advance()
     with torch.no_grad():
         accuracy = (model(x_test).argmax(1) == y_test).float().mean().item()
-    return Outcome(scenario, run_dir, w.findings(), loss.item(), accuracy)
+    page = gw.report(run_dir, run_dir / "report.html")
+    return Outcome(scenario, run_dir, w.findings(), loss.item(), accuracy, page)
 
 
 def run_demo(out_dir: Path, steps: int = 300) -> list[Outcome]:
@@ -149,8 +151,9 @@ def run_demo(out_dir: Path, steps: int = 300) -> list[Outcome]:
     for outcome in outcomes:
         console.rule(f"[bold]{outcome.scenario.name}[/]: {outcome.scenario.story}")
         console.print(
-            f"final loss {outcome.final_loss:.3g}, test accuracy "
-            f"{outcome.test_accuracy:.1%}, run store: {outcome.run_dir}"
+            f"final loss {outcome.final_loss:.3g}, test accuracy {outcome.test_accuracy:.1%}\n"
+            f"run store: {outcome.run_dir}\nreport:    {outcome.report}",
+            highlight=False,
         )
         if not outcome.findings:
             console.print("[green]no findings: the gradients are healthy[/]")

@@ -15,7 +15,7 @@ import queue
 import sqlite3
 import threading
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -320,6 +320,46 @@ class Run:
     def tensors(self) -> list[str]:
         """Watched parameter names, in model order (the columns of per-tensor series)."""
         return [r[0] for r in self._conn.execute("SELECT name FROM tensors ORDER BY idx")]
+
+    @property
+    def tensor_info(self) -> list[dict[str, Any]]:
+        """Per watched tensor: name, module, shape, dtype and numel, in model order."""
+        rows = self._conn.execute(
+            "SELECT name, module, shape, dtype, numel FROM tensors ORDER BY idx"
+        )
+        return [
+            {"name": n, "module": m, "shape": tuple(json.loads(s)), "dtype": d, "numel": k}
+            for n, m, s, d, k in rows
+        ]
+
+    @property
+    def module_types(self) -> list[str]:
+        """Class names of the probed modules, aligned with `modules`."""
+        return [r[0] for r in self._conn.execute("SELECT type FROM modules ORDER BY idx")]
+
+    @property
+    def closed(self) -> bool:
+        """Whether the run was closed (False while it is written, or after a crash)."""
+        return bool(self.meta.get("closed", False))
+
+    def blocks(self) -> Iterator[StatsBlock]:
+        """The stored blocks in step order, as the writer flushed them."""
+        n_tensors, n_modules = len(self.tensors), len(self.modules)
+        rows = self._blocks(
+            "n_steps, steps, tensor_stats, tensor_data, module_stats, module_data, "
+            "scalar_names, scalar_data"
+        )
+        for n, steps, t_stats, t_data, m_stats, m_data, s_names, s_data in rows:
+            t_stats, m_stats, s_names = json.loads(t_stats), json.loads(m_stats), json.loads(s_names)
+            yield StatsBlock(
+                steps=_unpack(steps, "<i8", (n,)),
+                tensor_stats=tuple(t_stats),
+                tensor_data=_unpack(t_data, "<f4", (n, n_tensors, len(t_stats))),
+                module_stats=tuple(m_stats),
+                module_data=_unpack(m_data, "<f4", (n, n_modules, len(m_stats))),
+                scalar_names=tuple(s_names),
+                scalar_data=_unpack(s_data, "<f4", (n, len(s_names))),
+            )
 
     @property
     def modules(self) -> list[str]:

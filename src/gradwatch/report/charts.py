@@ -1,0 +1,259 @@
+"""Matplotlib figures of a run: gradient flow, layer x step heatmap, global norm with guard events,
+logged scalars, update-to-weight ratios and activation health.
+
+Every chart is `fn(data) -> Figure | None` (None when the run holds nothing to draw). Long runs and
+many layers are downsampled: at most MAX_POINTS step bins per line, MAX_COLUMNS x MAX_ROWS cells in
+the heatmap, so a chart's size does not grow with the run.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections.abc import Callable
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from gradwatch.report.data import ReportData  # noqa: E402
+
+MAX_POINTS = 1500
+MAX_COLUMNS = 400
+MAX_ROWS = 200
+STYLE = {"figure.dpi": 100, "axes.grid": True, "grid.alpha": 0.3}
+
+
+def _label(name: str) -> str:
+    """A name as plain text: a "$" in a module name must not start mathtext."""
+    return name.replace("$", r"\$")
+
+
+def _bins(n: int, count: int) -> np.ndarray:
+    """Edges of at most `count` contiguous bins over n items."""
+    return np.unique(np.linspace(0, n, min(n, count) + 1).astype(int))
+
+
+def _binned(steps: np.ndarray, values: np.ndarray, count: int = MAX_POINTS):
+    """(bin steps, median, min, max) of a [steps] or [steps, k] series, NaN-aware."""
+    edges = _bins(len(steps), count)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN bins stay NaN
+        parts = [values[a:b] for a, b in zip(edges[:-1], edges[1:], strict=True)]
+        median = np.array([np.nanmedian(p, axis=0) for p in parts])
+        low = np.array([np.nanmin(p, axis=0) for p in parts])
+        high = np.array([np.nanmax(p, axis=0) for p in parts])
+    return steps[edges[:-1]], median, low, high
+
+
+def _log10(values: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(values > 0, np.log10(values), np.nan)
+
+
+def _windows(data: ReportData, series: np.ndarray) -> list[tuple[str, np.ndarray]]:
+    """Median profiles over the early, middle and late tenth of the steps with data."""
+    rows = np.flatnonzero(np.isfinite(series).any(axis=1))
+    if len(rows) == 0:
+        return []
+    width = max(1, len(rows) // 10)
+    picks = {"early": rows[:width], "middle": rows[len(rows) // 2 - width // 2:][:width],
+             "late": rows[-width:]}
+    out = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for label, chosen in picks.items():
+            first, last = data.steps[chosen[0]], data.steps[chosen[-1]]
+            out.append((f"{label} (steps {first}-{last})", np.nanmedian(series[chosen], axis=0)))
+    return out
+
+
+def _log_scale(ax, values: np.ndarray) -> None:
+    """Log y axis when there is a positive value to show (all-zero gradients stay linear)."""
+    if np.nanmax(np.where(np.isfinite(values), values, np.nan), initial=0) > 0:
+        ax.set_yscale("log")
+
+
+def _depth_axis(ax, names: list[str], label: str) -> None:
+    ax.set_xlabel(f"{label} (input side left, output side right)")
+    if len(names) <= 30:
+        ax.set_xticks(range(len(names)), [_label(n) for n in names], rotation=60, ha="right",
+                      fontsize=7)
+
+
+def gradient_flow(data: ReportData) -> Figure | None:
+    """Per-layer weight-gradient norm and backpropagated signal by depth, early/middle/late."""
+    grads = data.series("grad_norm")
+    signal = data.series("signal_norm")
+    if grads is None or len(data.steps) == 0:
+        return None
+    has_signal = signal is not None and np.isfinite(signal).any()
+    fig, axes = plt.subplots(1, 2 if has_signal else 1, figsize=(12 if has_signal else 7, 4.2),
+                             squeeze=False)
+    columns = data.weight_columns
+    names = [data.tensors[c]["name"] for c in columns]
+    for label, profile in _windows(data, grads[:, columns]):
+        axes[0, 0].plot(profile, marker=".", label=label)
+    _log_scale(axes[0, 0], grads[:, columns])
+    axes[0, 0].set_title("weight gradient norm ‖∂L/∂W‖ by layer")
+    _depth_axis(axes[0, 0], names, "parameter tensor")
+    axes[0, 0].legend(fontsize=8)
+    if has_signal:
+        for label, profile in _windows(data, signal):
+            axes[0, 1].plot(profile, marker=".", label=label)
+        _log_scale(axes[0, 1], signal)
+        axes[0, 1].set_title("backpropagated signal ‖∂L/∂y‖ by module (probe steps)")
+        _depth_axis(axes[0, 1], data.modules, "module, forward order")
+        axes[0, 1].legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def grad_heatmap(data: ReportData) -> Figure | None:
+    """log10 gradient norm, parameter tensors x steps."""
+    grads = data.series("grad_norm")
+    if grads is None or len(data.steps) == 0 or not np.isfinite(grads).any():
+        return None
+    logs = _log10(grads)
+    col_edges = _bins(len(data.steps), MAX_COLUMNS)
+    row_edges = _bins(logs.shape[1], MAX_ROWS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        by_step = np.stack([np.nanmean(logs[a:b], axis=0)
+                            for a, b in zip(col_edges[:-1], col_edges[1:], strict=True)], axis=1)
+        cells = np.stack([np.nanmean(by_step[a:b], axis=0)
+                          for a, b in zip(row_edges[:-1], row_edges[1:], strict=True)])
+    fig, ax = plt.subplots(figsize=(12, min(2.5 + 0.08 * len(cells), 6)))
+    steps = data.steps
+    image = ax.imshow(cells, aspect="auto", interpolation="nearest", cmap="viridis",
+                      extent=(steps[0], steps[-1] + 1, len(cells), 0))
+    fig.colorbar(image, ax=ax, label="log10 ‖g‖")
+    ax.set_xlabel("step")
+    ax.set_ylabel("parameter tensor (model order)")
+    if len(cells) == len(data.tensors) and len(cells) <= 40:
+        ax.set_yticks(np.arange(len(cells)) + 0.5, [_label(t["name"]) for t in data.tensors],
+                      fontsize=7)
+    ax.set_title("gradient norm per tensor over steps")
+    ax.grid(False)
+    fig.tight_layout()
+    return fig
+
+
+def global_norm(data: ReportData) -> Figure | None:
+    """Global gradient norm over steps, with clip / skip / rollback events marked."""
+    norms = data.series("global_grad_norm")
+    if norms is None or len(data.steps) == 0:
+        return None
+    steps, median, low, high = _binned(data.steps, norms)
+    fig, ax = plt.subplots(figsize=(12, 3.8))
+    ax.fill_between(steps, low, high, alpha=0.25, label="min-max per bin")
+    ax.plot(steps, median, lw=1, label="global gradient norm (pre-guard)")
+    by_step = dict(zip(data.steps.tolist(), norms.tolist(), strict=True))
+    marks = {"clip": ("o", "tab:orange"), "skip": ("x", "tab:red")}
+    for kind, (marker, color) in marks.items():
+        at = [e.step for e in data.events if e.kind == kind][:: max(1, len(data.events) // 2000)]
+        if at:
+            ys = [by_step.get(s, np.nan) for s in at]
+            ax.scatter(at, ys, marker=marker, color=color, s=14, zorder=3,
+                       label=f"{kind} ({sum(e.kind == kind for e in data.events)})")
+    rollbacks = [e.step for e in data.events if e.kind == "rollback"]
+    for i, step in enumerate(rollbacks):
+        ax.axvline(step, color="tab:purple", ls="--", lw=1,
+                   label=f"rollback ({len(rollbacks)})" if i == 0 else None)
+    _log_scale(ax, norms)
+    ax.set_xlabel("step")
+    ax.set_title("global gradient norm and guard events")
+    ax.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    return fig
+
+
+def logged_scalars(data: ReportData) -> Figure | None:
+    """Loss and the other scalars logged with w.log."""
+    names = data.user_scalars[:4]
+    if not names:
+        return None
+    fig, axes = plt.subplots(len(names), 1, figsize=(12, 2.6 * len(names)), squeeze=False,
+                             sharex=True)
+    for ax, name in zip(axes[:, 0], names, strict=True):
+        steps, median, low, high = _binned(data.steps, data.series(name))
+        ax.fill_between(steps, low, high, alpha=0.25)
+        ax.plot(steps, median, lw=1)
+        ax.set_ylabel(_label(name))
+    axes[-1, 0].set_xlabel("step")
+    axes[0, 0].set_title("logged scalars")
+    fig.tight_layout()
+    return fig
+
+
+def update_ratios(data: ReportData) -> Figure | None:
+    """Median update-to-weight ratio ‖Δθ‖/‖θ‖ per tensor over the probe steps of the second half."""
+    ratios = data.series("update_ratio")
+    if ratios is None or not np.isfinite(ratios).any():
+        return None
+    half = ratios[len(ratios) // 2:]
+    if not np.isfinite(half).any():
+        half = ratios
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        median = np.nanmedian(half, axis=0)
+    names = [t["name"] for t in data.tensors]
+    fig, ax = plt.subplots(figsize=(12, 4))
+    ax.plot(median, marker="o", lw=1)
+    ax.axhspan(1e-4, 1e-2, color="tab:green", alpha=0.1, label="common range 1e-4 to 1e-2")
+    _log_scale(ax, median)
+    ax.set_title("update-to-weight ratio per tensor (median over probe steps, second half)")
+    _depth_axis(ax, names, "parameter tensor")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def activation_health(data: ReportData) -> Figure | None:
+    """Dead and saturated shares per module (mean over the probe steps of the second half)."""
+    dead, saturated = data.series("dead_frac"), data.series("saturated_frac")
+    if dead is None or not (np.isfinite(dead).any() or np.isfinite(saturated).any()):
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        dead_mean = np.nanmean(dead[len(dead) // 2:], axis=0)
+        sat_mean = np.nanmean(saturated[len(saturated) // 2:], axis=0)
+    x = np.arange(len(data.modules))
+    fig, ax = plt.subplots(figsize=(12, 4))
+    ax.bar(x - 0.2, np.nan_to_num(dead_mean), width=0.4, label="dead units (output always 0)")
+    ax.bar(x + 0.2, np.nan_to_num(sat_mean), width=0.4, label="saturated outputs (sigmoid/tanh)")
+    ax.set_ylim(0, 1)
+    ax.set_title("activation health per module (probe steps, second half)")
+    _depth_axis(ax, data.modules, "module, forward order")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+CHARTS: dict[str, tuple[str, Callable[[ReportData], Figure | None]]] = {
+    "gradient_flow": ("Gradient flow", gradient_flow),
+    "heatmap": ("Gradient norm, layer x step", grad_heatmap),
+    "global_norm": ("Global gradient norm and guard events", global_norm),
+    "scalars": ("Loss and logged scalars", logged_scalars),
+    "update_ratio": ("Update-to-weight ratio", update_ratios),
+    "activation_health": ("Activation health", activation_health),
+}
+
+
+def render_png(data: ReportData) -> dict[str, bytes | None]:
+    """Every chart of the run as PNG bytes, by id (None where the run holds nothing to draw)."""
+    pngs: dict[str, bytes | None] = {}
+    with plt.rc_context(STYLE):
+        for chart_id, (_, draw) in CHARTS.items():
+            fig = draw(data)
+            if fig is None:
+                pngs[chart_id] = None
+                continue
+            buffer = io.BytesIO()
+            fig.savefig(buffer, format="png")
+            plt.close(fig)
+            pngs[chart_id] = buffer.getvalue()
+    return pngs

@@ -1,0 +1,74 @@
+"""TensorBoard: a live sink for `watch(sinks=...)` and `export_tensorboard` for a stored run.
+
+Tags: `grad/<stat>/<tensor>` for per-tensor statistics, `module/<stat>/<module>` for per-module
+ones, `scalars/<name>` for per-step scalars, and the findings as text under `findings`. Only
+recorded (finite) values are written. Needs the `tensorboard` package (`gradwatch[tensorboard]`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gradwatch.detect.findings import Finding
+from gradwatch.stats.buffer import StatsBlock
+
+
+def _summary_writer(log_dir: str | Path) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as exc:
+        raise ImportError(
+            "TensorBoard output needs the tensorboard package: pip install 'gradwatch[tensorboard]'"
+        ) from exc
+    return SummaryWriter(log_dir=str(log_dir))
+
+
+class TensorBoard:
+    """Writes each flushed block and each finding to TensorBoard event files in `log_dir`."""
+
+    def __init__(self, log_dir: str | Path) -> None:
+        self._writer = _summary_writer(log_dir)
+
+    def write_block(self, block: StatsBlock, tensors: list[str], modules: list[str]) -> None:
+        self._scalars(block.steps, block.tensor_data, block.tensor_stats, tensors, "grad")
+        self._scalars(block.steps, block.module_data, block.module_stats, modules, "module")
+        for c, name in enumerate(block.scalar_names):
+            for step, value in zip(block.steps, block.scalar_data[:, c], strict=True):
+                if np.isfinite(value):
+                    self._writer.add_scalar(f"scalars/{name}", float(value), int(step))
+
+    def write_findings(self, findings: list[Finding]) -> None:
+        for f in findings:
+            self._writer.add_text("findings", f"**{f.kind}** at `{f.layer}`: {f.message}\n\n"
+                                              f"What to do: {f.remedy}", f.step)
+
+    def close(self) -> None:
+        self._writer.close()
+
+    def _scalars(self, steps, data, stats, names, prefix) -> None:
+        for s, stat in enumerate(stats):
+            for c, name in enumerate(names):
+                values = data[:, c, s]
+                for step, value in zip(steps, values, strict=True):
+                    if np.isfinite(value):
+                        self._writer.add_scalar(f"{prefix}/{stat}/{name}", float(value), int(step))
+
+
+def export_tensorboard(run_dir: str | Path, log_dir: str | Path) -> Path:
+    """Write a stored run (live or finished) as TensorBoard event files in `log_dir`."""
+    from gradwatch.store import Run
+
+    run = Run(run_dir)
+    sink = TensorBoard(log_dir)
+    try:
+        tensors, modules = run.tensors, run.modules
+        for block in run.blocks():
+            sink.write_block(block, tensors, modules)
+        sink.write_findings(run.findings)
+    finally:
+        sink.close()
+        run.close()
+    return Path(log_dir)

@@ -1,0 +1,166 @@
+"""Reports: the HTML page, PNG charts, terminal summary and TensorBoard export of a run store."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_store import TRAIN_FOREVER, wait_for_steps
+from torch import nn
+
+import gradwatch as gw
+from gradwatch.cli import main
+from gradwatch.report.charts import CHARTS
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+EVIL = "<script>alert(1)</script>"
+
+
+def train_dead_layer(run_dir, steps=60, name="hidden", **watch_kwargs):
+    """A small net whose layer `name` (bias -10 before a ReLU) has dead units."""
+    model = nn.Sequential()
+    model.add_module("stem", nn.Linear(6, 16))
+    model.add_module("act0", nn.ReLU())
+    model.add_module(name, nn.Linear(16, 16))
+    model.add_module("act1", nn.ReLU())
+    model.add_module("head", nn.Linear(16, 3))
+    with torch.no_grad():
+        getattr(model, name).bias.fill_(-10.0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    with gw.watch(model, optimizer, run_dir=run_dir, flush_every=20, **watch_kwargs) as w:
+        for _ in range(steps):
+            loss = nn.functional.cross_entropy(model(torch.randn(16, 6)),
+                                               torch.randint(0, 3, (16,)))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            w.log(loss=loss)
+    return w
+
+
+def test_report_has_verdict_findings_every_chart_and_nothing_external(tmp_path):
+    train_dead_layer(tmp_path / "run")
+    page_path = gw.report(tmp_path / "run", tmp_path / "report.html")
+    page = page_path.read_text()
+    assert "Problems found: dead_units" in page
+    assert "dead_units at layer <code>hidden</code>" in page
+    assert "What to do:" in page
+    for chart_id in CHARTS:
+        assert f'id="chart-{chart_id}"><figcaption>' in page  # drawn, not "not recorded"
+    assert page.count("data:image/png;base64,") == len(CHARTS)
+    assert "<script" not in page and "http://" not in page and "https://" not in page
+    assert "Complete run: 60 recorded steps." in page
+
+
+def test_names_are_escaped(tmp_path):
+    train_dead_layer(tmp_path / "run", name=EVIL)
+    page = gw.report(tmp_path / "run", tmp_path / "report.html").read_text()
+    assert EVIL not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+
+
+def test_empty_partial_and_live_runs_say_so(tmp_path):
+    model = nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    w = gw.watch(model, optimizer, run_dir=tmp_path / "live", flush_every=5)
+    empty = gw.report(tmp_path / "live", tmp_path / "empty.html").read_text()
+    assert "No data yet" in empty
+    for _ in range(7):
+        model(torch.randn(4, 3)).sum().backward()
+        optimizer.step()
+    w.flush()
+    w._writer.drain()
+    live = gw.report(tmp_path / "live", tmp_path / "live.html").read_text()
+    assert "Incomplete run" in live and "7 steps flushed so far" in live
+    w.close()
+    done = gw.report(tmp_path / "live", tmp_path / "done.html").read_text()
+    assert "Complete run: 7 recorded steps." in done
+
+
+def test_a_killed_run_still_gets_a_report(tmp_path):
+    run_dir = tmp_path / "run"
+    child = subprocess.Popen([sys.executable, "-c", TRAIN_FOREVER, str(run_dir)],
+                             stderr=subprocess.PIPE)
+    try:
+        wait_for_steps(run_dir, 10, child).close()
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+    page = gw.report(run_dir, tmp_path / "killed.html").read_text()
+    assert "Incomplete run" in page
+    assert page.count("data:image/png;base64,") >= 4
+
+
+def test_cli_report_png_and_one_line_errors(tmp_path, capsys):
+    train_dead_layer(tmp_path / "run")
+    assert main(["report", str(tmp_path / "run"), "--png", str(tmp_path / "png")]) == 0
+    written = sorted(p.name for p in (tmp_path / "png").iterdir())
+    assert written == sorted(f"{chart_id}.png" for chart_id in CHARTS)
+    assert all((tmp_path / "png" / n).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for n in written)
+    assert main(["report", str(tmp_path / "run")]) == 0
+    assert (tmp_path / "run" / "report.html").is_file()
+    capsys.readouterr()
+    for command in (["report", str(tmp_path)], ["summary", str(tmp_path / "nope")]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "is not a gradwatch run" in err
+        assert "Traceback" not in err
+
+
+def test_summary_prints_verdict_findings_and_worst_layers(tmp_path, capsys):
+    train_dead_layer(tmp_path / "run")
+    assert main(["summary", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert "Problems found: dead_units" in out
+    assert "dead_units at 'hidden'" in out
+    assert "hidden.weight" in out and "gradient is 0" in out  # the dead layer leads the worst
+
+
+def read_tensorboard(log_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "tensors": 0})
+    events.Reload()
+    return events
+
+
+def test_tensorboard_export_reads_back_with_tensorboards_reader(tmp_path):
+    pytest.importorskip("tensorboard")
+    train_dead_layer(tmp_path / "run")
+    assert main(["export", str(tmp_path / "run"), "--tensorboard", str(tmp_path / "tb")]) == 0
+    events = read_tensorboard(tmp_path / "tb")
+    run = gw.open_run(tmp_path / "run")
+    loss = [e.value for e in events.Scalars("scalars/loss")]
+    np.testing.assert_allclose(loss, run.series("loss"), rtol=1e-6)
+    column = run.tensors.index("hidden.weight")
+    grad = events.Scalars("grad/grad_norm/hidden.weight")
+    np.testing.assert_allclose([e.value for e in grad], run.series("grad_norm")[:, column],
+                               rtol=1e-6)
+    assert "module/dead_frac/act1" in events.Tags()["scalars"]
+    assert "findings/text_summary" in events.Tags()["tensors"]
+
+
+def test_live_tensorboard_sink(tmp_path):
+    pytest.importorskip("tensorboard")
+    train_dead_layer(tmp_path / "run", sinks=[gw.sinks.TensorBoard(tmp_path / "tb")])
+    events = read_tensorboard(tmp_path / "tb")
+    assert len(events.Scalars("scalars/global_grad_norm")) == 60
+    assert "findings/text_summary" in events.Tags()["tensors"]
+
+
+def test_report_of_a_large_run_stays_small(tmp_path):
+    # 200 tensors x 5000 steps, synthetic: the page size must not grow with the run
+    from synthetic_run import synthetic_run
+
+    synthetic_run(tmp_path / "big", tensors=200, steps=5000)
+    start = time.perf_counter()
+    page = gw.report(tmp_path / "big", tmp_path / "big.html")
+    assert page.stat().st_size < 3_000_000, time.perf_counter() - start
