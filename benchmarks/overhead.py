@@ -47,14 +47,17 @@ def clip_grad_norm_floor(work: Workload, tmp: Path) -> Iterator[Callable[[], Non
     yield lambda: torch.nn.utils.clip_grad_norm_(params, 1e6)
 
 
-def gradwatch_variant(module_hooks: bool = True, **kwargs: object) -> Variant:
-    """gw.watch with `kwargs`; module_hooks=False removes the forward hooks that flag non-finite
-    outputs (a measurement of their cost only: private API, not a user setting)."""
+def gradwatch_variant(
+    module_hooks: bool = True, guards: Callable[[], list] = list, **kwargs: object
+) -> Variant:
+    """gw.watch with `kwargs` and fresh `guards()` each round; module_hooks=False removes the
+    forward hooks that flag non-finite outputs (a measurement of their cost only: private API,
+    not a user setting)."""
 
     @contextlib.contextmanager
     def variant(work: Workload, tmp: Path) -> Iterator[None]:
-        run_dir = tempfile.mkdtemp(dir=tmp)
-        with gw.watch(work.model, work.optimizer, run_dir=Path(run_dir) / "run", **kwargs) as w:
+        run_dir = Path(tempfile.mkdtemp(dir=tmp)) / "run"
+        with gw.watch(work.model, work.optimizer, run_dir=run_dir, guards=guards(), **kwargs) as w:
             if not module_hooks:
                 w._module_probes.detach()
             work.log = w.log  # type: ignore[attr-defined]
@@ -104,6 +107,45 @@ def measure(
     return {name: statistics.median(ts) for name, ts in samples.items()}
 
 
+def run_benchmark(variants: dict[str, Variant], name: str, description: str) -> None:
+    """Parse the command line, measure `variants` on the workloads, print and write the table."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=60, help="timed steps per variant and round")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for workload in args.workloads:
+            results[workload] = measure(
+                WORKLOADS[workload](device), variants, args.rounds, args.steps, Path(tmp)
+            )
+    where = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU, {torch.get_num_threads()} threads"
+    )
+    header = (
+        f"# gradwatch {name} ({where}, torch {torch.__version__})\n\n"
+        f"Command: `python benchmarks/{name}.py --device {args.device} --rounds {args.rounds} "
+        f"--steps {args.steps}`. Medians of per-step times over {args.rounds} interleaved rounds "
+        f"of {args.steps} steps per variant (order rotating each round); the floors read every "
+        "gradient once (foreach_norm) or norm-and-scale them (clip_grad_norm_). flush_every=50, "
+        "so rounds include flushes."
+    )
+    table = format_table(results, header)
+    print(table)
+    out = args.out or Path(__file__).parent / "results" / f"{name}-{device.type}.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(table)
+    print(f"written to {out}", file=sys.stderr)
+
+
 def format_table(results: dict[str, dict[str, float]], header: str) -> str:
     lines = [
         header,
@@ -119,40 +161,7 @@ def format_table(results: dict[str, dict[str, float]], header: str) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
-    parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--steps", type=int, default=60, help="timed steps per variant and round")
-    parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args()
-
-    device = torch.device(args.device)
-    torch.manual_seed(0)
-    results = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in args.workloads:
-            results[name] = measure(
-                WORKLOADS[name](device), VARIANTS, args.rounds, args.steps, Path(tmp)
-            )
-    where = (
-        torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else f"CPU, {torch.get_num_threads()} threads"
-    )
-    header = (
-        f"# gradwatch step-time overhead ({where}, torch {torch.__version__})\n\n"
-        f"Command: `python benchmarks/overhead.py --device {args.device} --rounds {args.rounds} "
-        f"--steps {args.steps}`. Medians of per-step times over {args.rounds} interleaved rounds "
-        f"of {args.steps} steps per variant; the floors read every gradient once (foreach_norm) "
-        "or norm-and-scale them (clip_grad_norm_). flush_every=50, so each round includes a flush."
-    )
-    table = format_table(results, header)
-    print(table)
-    out = args.out or Path(__file__).parent / "results" / f"overhead-{device.type}.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(table)
-    print(f"written to {out}", file=sys.stderr)
+    run_benchmark(VARIANTS, "overhead", __doc__.split("\n\n")[0])
 
 
 if __name__ == "__main__":
