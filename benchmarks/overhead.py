@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import statistics
 import sys
 import tempfile
@@ -107,15 +108,35 @@ def measure(
     return {name: statistics.median(ts) for name, ts in samples.items()}
 
 
+# glibc's dynamic mmap threshold makes the same training step jump between allocation regimes
+# (here the CNN's plain step took 16.6 or 21.7 ms depending on what was allocated before, and a
+# few small extra allocations could flip it), so by default the benchmark fixes the thresholds:
+# the ratios then measure gradwatch, not the allocator. --default-malloc keeps glibc's defaults.
+STABLE_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "4000000000", "MALLOC_TRIM_THRESHOLD_": "4000000000"}
+
+
+def _use_stable_malloc() -> None:
+    """Re-run this process with STABLE_MALLOC set (the allocator reads it at start-up)."""
+    if any(os.environ.get(k) != v for k, v in STABLE_MALLOC.items()):
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **STABLE_MALLOC})
+
+
 def run_benchmark(variants: dict[str, Variant], name: str, description: str) -> None:
     """Parse the command line, measure `variants` on the workloads, print and write the table."""
     parser = argparse.ArgumentParser(description=description)
+    parser.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="keep glibc's dynamic allocator thresholds (noisier ratios)",
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--steps", type=int, default=60, help="timed steps per variant and round")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    if not args.default_malloc:
+        _use_stable_malloc()
 
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -133,14 +154,22 @@ def run_benchmark(variants: dict[str, Variant], name: str, description: str) -> 
     header = (
         f"# gradwatch {name} ({where}, torch {torch.__version__})\n\n"
         f"Command: `python benchmarks/{name}.py --device {args.device} --rounds {args.rounds} "
-        f"--steps {args.steps}`. Medians of per-step times over {args.rounds} interleaved rounds "
+        f"--steps {args.steps}{' --default-malloc' if args.default_malloc else ''}`. "
+        + (
+            "glibc's default allocator thresholds. "
+            if args.default_malloc
+            else f"Allocator thresholds fixed ({', '.join(f'{k}={v}' for k, v in STABLE_MALLOC.items())}"
+            ") so ratios do not jump between allocation regimes. "
+        )
+        + f"Medians of per-step times over {args.rounds} interleaved rounds "
         f"of {args.steps} steps per variant (order rotating each round); the floors read every "
         "gradient once (foreach_norm) or norm-and-scale them (clip_grad_norm_). flush_every=50, "
         "so rounds include flushes."
     )
     table = format_table(results, header)
     print(table)
-    out = args.out or Path(__file__).parent / "results" / f"{name}-{device.type}.md"
+    suffix = "-default-malloc" if args.default_malloc else ""
+    out = args.out or Path(__file__).parent / "results" / f"{name}-{device.type}{suffix}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(table)
     print(f"written to {out}", file=sys.stderr)

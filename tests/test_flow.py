@@ -90,7 +90,12 @@ def test_probe_statistics_wait_for_probe_steps_but_nonfinite_flags_do_not(tmp_pa
     run = gw.open_run(tmp_path / "r")
     probed = ~np.isnan(run.series("signal_norm")).all(axis=1)
     np.testing.assert_array_equal(run.steps[probed], [0, 3])
-    np.testing.assert_array_equal(run.series("act_nonfinite"), np.zeros((5, 5)))
+    flags = run.series("act_nonfinite")
+    layers = [run.modules.index(m) for m in ("stem", "body", "head")]
+    activations = [run.modules.index(m) for m in ("squash", "relu")]
+    np.testing.assert_array_equal(flags[:, layers], np.zeros((5, 3)))  # every step
+    np.testing.assert_array_equal(flags[[0, 3]][:, activations], np.zeros((2, 2)))
+    assert np.isnan(flags[[1, 2, 4]][:, activations]).all()  # torch.nn activations: probes only
 
 
 def test_evaluation_passes_are_not_counted(tmp_path):

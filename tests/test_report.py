@@ -37,8 +37,9 @@ def train_dead_layer(run_dir, steps=60, name="hidden", **watch_kwargs):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     with gw.watch(model, optimizer, run_dir=run_dir, flush_every=20, **watch_kwargs) as w:
         for _ in range(steps):
-            loss = nn.functional.cross_entropy(model(torch.randn(16, 6)),
-                                               torch.randint(0, 3, (16,)))
+            loss = nn.functional.cross_entropy(
+                model(torch.randn(16, 6)), torch.randint(0, 3, (16,))
+            )
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -87,8 +88,9 @@ def test_empty_partial_and_live_runs_say_so(tmp_path):
 
 def test_a_killed_run_still_gets_a_report(tmp_path):
     run_dir = tmp_path / "run"
-    child = subprocess.Popen([sys.executable, "-c", TRAIN_FOREVER, str(run_dir)],
-                             stderr=subprocess.PIPE)
+    child = subprocess.Popen(
+        [sys.executable, "-c", TRAIN_FOREVER, str(run_dir)], stderr=subprocess.PIPE
+    )
     try:
         wait_for_steps(run_dir, 10, child).close()
     finally:
@@ -142,8 +144,9 @@ def test_tensorboard_export_reads_back_with_tensorboards_reader(tmp_path):
     np.testing.assert_allclose(loss, run.series("loss"), rtol=1e-6)
     column = run.tensors.index("hidden.weight")
     grad = events.Scalars("grad/grad_norm/hidden.weight")
-    np.testing.assert_allclose([e.value for e in grad], run.series("grad_norm")[:, column],
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        [e.value for e in grad], run.series("grad_norm")[:, column], rtol=1e-6
+    )
     assert "module/dead_frac/act1" in events.Tags()["scalars"]
     assert "findings/text_summary" in events.Tags()["tensors"]
 

@@ -18,8 +18,15 @@ import gradwatch as gw
 from gradwatch.report.charts import CHARTS
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +36,10 @@ def browser():
     except ImportError:
         sync_playwright = None
     if CHROMIUM is None or sync_playwright is None:
-        message = ("browser test needs Debian's chromium (apt-get install -y chromium) and "
-                   "playwright (pip install -e '.[dev]'); .ci/run installs both")
+        message = (
+            "browser test needs Debian's chromium (apt-get install -y chromium) and "
+            "playwright (pip install -e '.[dev]'); .ci/run installs both"
+        )
         if os.environ.get("GRADWATCH_REQUIRE_BROWSER") == "1":
             pytest.fail(message)
         pytest.skip(message)

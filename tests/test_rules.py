@@ -19,9 +19,10 @@ from workloads import cnn, transformer
 PROBLEMS = {"vanishing", "exploding", "dead_units", "saturation"}
 
 
-def train(model, tmp_path, steps=60, lr=0.05, in_features=64, optimizer=None):
+def train(model, tmp_path, steps=60, lr=0.05, in_features=64, optimizer=None, probe_every=10):
     optimizer = optimizer or torch.optim.SGD(model.parameters(), lr=lr)
-    with gw.watch(model, optimizer, run_dir=tmp_path / "run", flush_every=20) as w:
+    with gw.watch(model, optimizer, run_dir=tmp_path / "run", flush_every=20,
+                  probe_every=probe_every) as w:
         for _ in range(steps):
             x, y = torch.randn(32, in_features), torch.randint(0, 10, (32,))
             loss = nn.functional.cross_entropy(model(x), y)
@@ -78,6 +79,26 @@ def test_nonfinite_names_the_module_and_the_step_where_it_started(tmp_path):
     assert finding.evidence["direction"] == "forward"
     assert finding.evidence["parameters_hit"]  # the NaN step went into the weights
     assert "custom code" in finding.message
+
+
+class LogAt(nn.Module):
+    """Custom code without parameters: a log that meets a negative input at one chosen call."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__()
+        self.step, self.calls = step, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        shift = -100.0 if self.calls - 1 == self.step else 0.0
+        return torch.log(torch.nn.functional.softplus(x) + shift + 1e-3)
+
+
+def test_nonfinite_names_a_custom_module_without_parameters(tmp_path):
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 32), LogAt(step=11),
+                          nn.Linear(32, 10))
+    findings = kinds(train(model, tmp_path, steps=30, probe_every=7), "nonfinite")
+    assert [(f.layer, f.step) for f in findings] == [("3", 11)]  # 11 is not a probe step
 
 
 def test_negative_bias_before_relu_gives_dead_units_at_that_layer(tmp_path):

@@ -7,12 +7,13 @@ Public API: `watch`, `Watcher`, `WatchConfig`, `open_run`, `Run`, `Finding`, `Ev
 from __future__ import annotations
 
 from gradwatch import guards, sinks
+from gradwatch.config import WatchConfig
 from gradwatch.detect.findings import Finding
 from gradwatch.gradcheck import GradcheckReport, GradcheckRow, gradcheck
 from gradwatch.guards.base import Event
 from gradwatch.report.html import report
 from gradwatch.store import Run, open_run
-from gradwatch.watcher import WatchConfig, Watcher, watch
+from gradwatch.watcher import Watcher, watch
 
 __version__ = "0.1.0"
 

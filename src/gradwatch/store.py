@@ -350,7 +350,11 @@ class Run:
             "scalar_names, scalar_data"
         )
         for n, steps, t_stats, t_data, m_stats, m_data, s_names, s_data in rows:
-            t_stats, m_stats, s_names = json.loads(t_stats), json.loads(m_stats), json.loads(s_names)
+            t_stats, m_stats, s_names = (
+                json.loads(t_stats),
+                json.loads(m_stats),
+                json.loads(s_names),
+            )
             yield StatsBlock(
                 steps=_unpack(steps, "<i8", (n,)),
                 tensor_stats=tuple(t_stats),

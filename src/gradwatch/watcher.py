@@ -17,16 +17,16 @@ import logging
 import platform
 import sqlite3
 import sys
-import warnings
 import weakref
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from gradwatch.config import WatchConfig, check_model_and_optimizer, label_guards
 from gradwatch.detect.diagnosis import Diagnosis
 from gradwatch.detect.findings import Finding
 from gradwatch.detect.layout import ModelLayout
@@ -42,35 +42,6 @@ logger = logging.getLogger("gradwatch")
 
 GLOBAL_GRAD_NORM = "global_grad_norm"
 _watched_models: weakref.WeakSet[nn.Module] = weakref.WeakSet()
-
-
-@dataclass(frozen=True)
-class WatchConfig:
-    """The knobs of `watch()`, with what each costs.
-
-    every: record `grad_norm` and `global_grad_norm` every `every` optimizer steps. Cost per
-        recorded step: one pass over the gradients and a few small kernels.
-    probe_every: every `probe_every` steps is a probe step that also records `grad_max`,
-        `grad_nonfinite`, `param_norm` and `update_ratio`: one copy of the parameters held during
-        `optimizer.step()` and about five more passes. None turns probe steps off.
-    flush_every: recorded steps per block. Device memory: flush_every x tensors x 5 x 4 bytes; one
-        device-to-host copy and one committed database transaction per block. A killed process
-        loses at most the steps since the last flush.
-    """
-
-    run_dir: str
-    every: int = 1
-    probe_every: int | None = 10
-    flush_every: int = 50
-
-    def __post_init__(self) -> None:
-        for name in ("every", "flush_every", "probe_every"):
-            value = getattr(self, name)
-            if name == "probe_every" and value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                hint = " (or None to turn probe steps off)" if name == "probe_every" else ""
-                raise ValueError(f"{name} must be an int >= 1{hint}, got {value!r}")
 
 
 class Watcher:
@@ -89,8 +60,12 @@ class Watcher:
         guards: Sequence[Guard] = (),
         sinks: Sequence[Sink] = (),
     ) -> None:
-        _check_model_and_optimizer(model, optimizer)
-        self._guards = _label_guards(guards, optimizer)
+        check_model_and_optimizer(model, optimizer)
+        if model in _watched_models:
+            raise RuntimeError(
+                f"this {type(model).__name__} is already watched by an open Watcher; close it first"
+            )
+        self._guards = label_guards(guards, optimizer)
         self.model = model
         self.optimizer = optimizer
         self.config = config
@@ -445,62 +420,6 @@ class Watcher:
                 "platform": platform.platform(),
             },
         }
-
-
-def _label_guards(guards: Sequence[Any], optimizer: Any) -> list[Guard]:
-    """Check the guards and give each a unique label: its class name, numbered on repeats."""
-    guards = list(guards)
-    for guard in guards:
-        if not callable(getattr(guard, "apply", None)):
-            raise TypeError(
-                f"guards must be gradwatch guards (objects with apply(ctx)), got {guard!r}"
-            )
-    if guards and optimizer is None:
-        raise ValueError(
-            "guards act inside optimizer.step(): pass the optimizer, gw.watch(model, optimizer, "
-            "guards=...)"
-        )
-    seen: dict[str, int] = {}
-    for guard in guards:
-        name = type(guard).__name__
-        seen[name] = seen.get(name, 0) + 1
-        guard.label = name if seen[name] == 1 else f"{name}_{seen[name]}"
-    return guards
-
-
-def _check_model_and_optimizer(model: Any, optimizer: Any) -> None:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"watch() needs a torch.nn.Module as model, got {type(model).__name__}")
-    if model in _watched_models:
-        raise RuntimeError(
-            f"this {type(model).__name__} is already watched by an open Watcher; close it first"
-        )
-    trainable = {id(p): name for name, p in model.named_parameters() if p.requires_grad}
-    if not trainable:
-        raise ValueError(
-            f"the {type(model).__name__} has no trainable parameters (requires_grad=True): "
-            "there are no gradients to watch"
-        )
-    if optimizer is None:
-        return
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(
-            f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}"
-        )
-    owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    missing = [name for pid, name in trainable.items() if pid not in owned]
-    if len(missing) == len(trainable):
-        raise ValueError(
-            "the optimizer holds none of the model's parameters; build it from this model, "
-            "e.g. torch.optim.AdamW(model.parameters()), or pass the model it trains"
-        )
-    if missing:
-        shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
-        warnings.warn(
-            f"{len(missing)} trainable parameters of the model are not in the optimizer "
-            f"({shown}); gradwatch watches them, but the optimizer does not update them",
-            stacklevel=3,
-        )
 
 
 def watch(

@@ -15,11 +15,13 @@ from collections.abc import Callable
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+import itertools
 
-from gradwatch.report.data import ReportData  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.figure import Figure
+
+from gradwatch.report.data import ReportData
 
 MAX_POINTS = 1500
 MAX_COLUMNS = 400
@@ -42,7 +44,7 @@ def _binned(steps: np.ndarray, values: np.ndarray, count: int = MAX_POINTS):
     edges = _bins(len(steps), count)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN bins stay NaN
-        parts = [values[a:b] for a, b in zip(edges[:-1], edges[1:], strict=True)]
+        parts = [values[a:b] for a, b in itertools.pairwise(edges)]
         median = np.array([np.nanmedian(p, axis=0) for p in parts])
         low = np.array([np.nanmin(p, axis=0) for p in parts])
         high = np.array([np.nanmax(p, axis=0) for p in parts])
@@ -60,8 +62,11 @@ def _windows(data: ReportData, series: np.ndarray) -> list[tuple[str, np.ndarray
     if len(rows) == 0:
         return []
     width = max(1, len(rows) // 10)
-    picks = {"early": rows[:width], "middle": rows[len(rows) // 2 - width // 2:][:width],
-             "late": rows[-width:]}
+    picks = {
+        "early": rows[:width],
+        "middle": rows[len(rows) // 2 - width // 2 :][:width],
+        "late": rows[-width:],
+    }
     out = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
@@ -80,8 +85,9 @@ def _log_scale(ax, values: np.ndarray) -> None:
 def _depth_axis(ax, names: list[str], label: str) -> None:
     ax.set_xlabel(f"{label} (input side left, output side right)")
     if len(names) <= 30:
-        ax.set_xticks(range(len(names)), [_label(n) for n in names], rotation=60, ha="right",
-                      fontsize=7)
+        ax.set_xticks(
+            range(len(names)), [_label(n) for n in names], rotation=60, ha="right", fontsize=7
+        )
 
 
 def gradient_flow(data: ReportData) -> Figure | None:
@@ -91,8 +97,9 @@ def gradient_flow(data: ReportData) -> Figure | None:
     if grads is None or len(data.steps) == 0:
         return None
     has_signal = signal is not None and np.isfinite(signal).any()
-    fig, axes = plt.subplots(1, 2 if has_signal else 1, figsize=(12 if has_signal else 7, 4.2),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        1, 2 if has_signal else 1, figsize=(12 if has_signal else 7, 4.2), squeeze=False
+    )
     columns = data.weight_columns
     names = [data.tensors[c]["name"] for c in columns]
     for label, profile in _windows(data, grads[:, columns]):
@@ -122,20 +129,29 @@ def grad_heatmap(data: ReportData) -> Figure | None:
     row_edges = _bins(logs.shape[1], MAX_ROWS)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        by_step = np.stack([np.nanmean(logs[a:b], axis=0)
-                            for a, b in zip(col_edges[:-1], col_edges[1:], strict=True)], axis=1)
-        cells = np.stack([np.nanmean(by_step[a:b], axis=0)
-                          for a, b in zip(row_edges[:-1], row_edges[1:], strict=True)])
+        by_step = np.stack(
+            [np.nanmean(logs[a:b], axis=0) for a, b in itertools.pairwise(col_edges)],
+            axis=1,
+        )
+        cells = np.stack(
+            [np.nanmean(by_step[a:b], axis=0) for a, b in itertools.pairwise(row_edges)]
+        )
     fig, ax = plt.subplots(figsize=(12, min(2.5 + 0.08 * len(cells), 6)))
     steps = data.steps
-    image = ax.imshow(cells, aspect="auto", interpolation="nearest", cmap="viridis",
-                      extent=(steps[0], steps[-1] + 1, len(cells), 0))
+    image = ax.imshow(
+        cells,
+        aspect="auto",
+        interpolation="nearest",
+        cmap="viridis",
+        extent=(steps[0], steps[-1] + 1, len(cells), 0),
+    )
     fig.colorbar(image, ax=ax, label="log10 ‖g‖")
     ax.set_xlabel("step")
     ax.set_ylabel("parameter tensor (model order)")
     if len(cells) == len(data.tensors) and len(cells) <= 40:
-        ax.set_yticks(np.arange(len(cells)) + 0.5, [_label(t["name"]) for t in data.tensors],
-                      fontsize=7)
+        ax.set_yticks(
+            np.arange(len(cells)) + 0.5, [_label(t["name"]) for t in data.tensors], fontsize=7
+        )
     ax.set_title("gradient norm per tensor over steps")
     ax.grid(False)
     fig.tight_layout()
@@ -157,12 +173,24 @@ def global_norm(data: ReportData) -> Figure | None:
         at = [e.step for e in data.events if e.kind == kind][:: max(1, len(data.events) // 2000)]
         if at:
             ys = [by_step.get(s, np.nan) for s in at]
-            ax.scatter(at, ys, marker=marker, color=color, s=14, zorder=3,
-                       label=f"{kind} ({sum(e.kind == kind for e in data.events)})")
+            ax.scatter(
+                at,
+                ys,
+                marker=marker,
+                color=color,
+                s=14,
+                zorder=3,
+                label=f"{kind} ({sum(e.kind == kind for e in data.events)})",
+            )
     rollbacks = [e.step for e in data.events if e.kind == "rollback"]
     for i, step in enumerate(rollbacks):
-        ax.axvline(step, color="tab:purple", ls="--", lw=1,
-                   label=f"rollback ({len(rollbacks)})" if i == 0 else None)
+        ax.axvline(
+            step,
+            color="tab:purple",
+            ls="--",
+            lw=1,
+            label=f"rollback ({len(rollbacks)})" if i == 0 else None,
+        )
     _log_scale(ax, norms)
     ax.set_xlabel("step")
     ax.set_title("global gradient norm and guard events")
@@ -176,8 +204,9 @@ def logged_scalars(data: ReportData) -> Figure | None:
     names = data.user_scalars[:4]
     if not names:
         return None
-    fig, axes = plt.subplots(len(names), 1, figsize=(12, 2.6 * len(names)), squeeze=False,
-                             sharex=True)
+    fig, axes = plt.subplots(
+        len(names), 1, figsize=(12, 2.6 * len(names)), squeeze=False, sharex=True
+    )
     for ax, name in zip(axes[:, 0], names, strict=True):
         steps, median, low, high = _binned(data.steps, data.series(name))
         ax.fill_between(steps, low, high, alpha=0.25)
@@ -194,7 +223,7 @@ def update_ratios(data: ReportData) -> Figure | None:
     ratios = data.series("update_ratio")
     if ratios is None or not np.isfinite(ratios).any():
         return None
-    half = ratios[len(ratios) // 2:]
+    half = ratios[len(ratios) // 2 :]
     if not np.isfinite(half).any():
         half = ratios
     with warnings.catch_warnings():
@@ -219,8 +248,8 @@ def activation_health(data: ReportData) -> Figure | None:
         return None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        dead_mean = np.nanmean(dead[len(dead) // 2:], axis=0)
-        sat_mean = np.nanmean(saturated[len(saturated) // 2:], axis=0)
+        dead_mean = np.nanmean(dead[len(dead) // 2 :], axis=0)
+        sat_mean = np.nanmean(saturated[len(saturated) // 2 :], axis=0)
     x = np.arange(len(data.modules))
     fig, ax = plt.subplots(figsize=(12, 4))
     ax.bar(x - 0.2, np.nan_to_num(dead_mean), width=0.4, label="dead units (output always 0)")

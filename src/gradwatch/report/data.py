@@ -78,21 +78,29 @@ class ReportData:
     def verdict(self) -> tuple[str, str]:
         """(state, sentence): state is "empty", "problems" or "healthy"."""
         if len(self.steps) == 0:
-            return ("empty", "No data yet: this run has not flushed a step (it is starting, or "
-                             "it stopped before its first flush).")
+            return (
+                "empty",
+                "No data yet: this run has not flushed a step (it is starting, or "
+                "it stopped before its first flush).",
+            )
         problems = [f for f in self.findings if f.kind in PROBLEM_KINDS]
         if problems:
             kinds = sorted({f.kind for f in problems}, key=PROBLEM_KINDS.index)
-            return ("problems", f"Problems found: {', '.join(kinds)} "
-                                f"({len(problems)} finding{'s' * (len(problems) != 1)}).")
+            return (
+                "problems",
+                f"Problems found: {', '.join(kinds)} "
+                f"({len(problems)} finding{'s' * (len(problems) != 1)}).",
+            )
         return ("healthy", "Healthy: no gradient problem was found.")
 
     @property
     def completeness(self) -> str:
         if self.meta.get("closed"):
             return f"Complete run: {len(self.steps)} recorded steps."
-        return (f"Incomplete run: it was not closed (still running, or killed); this shows the "
-                f"{len(self.steps)} steps flushed so far.")
+        return (
+            f"Incomplete run: it was not closed (still running, or killed); this shows the "
+            f"{len(self.steps)} steps flushed so far."
+        )
 
     def close(self) -> None:
         self.run.close()

@@ -23,6 +23,7 @@ def _charts():  # matplotlib loads only when a report is drawn
         ) from exc
     return charts
 
+
 _CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2rem auto;
        max-width: 1250px; color: #1d2430; padding: 0 1rem; }
@@ -46,6 +47,10 @@ pre { white-space: pre-wrap; font-size: 0.8rem; max-height: 20rem; overflow: aut
 """
 
 
+# Nothing may load or run: no scripts at all, images only from the page itself.
+_POLICY = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
+
+
 def _e(value: object) -> str:
     return html.escape(str(value), quote=True)
 
@@ -55,7 +60,9 @@ def _findings_html(data: ReportData) -> str:
         return '<p class="note">No findings.</p>'
     parts = []
     for f in data.findings:
-        steps = f"step {f.step}" if f.last_step in (None, f.step) else f"steps {f.step}–{f.last_step}"
+        steps = (
+            f"step {f.step}" if f.last_step in (None, f.step) else f"steps {f.step}–{f.last_step}"
+        )
         where = f"layer <code>{_e(f.layer)}</code>" if f.layer else "the whole model"
         parts.append(
             f'<div class="finding {_e(f.severity)}"><div class="head">{_e(f.kind)} at {where}, '
@@ -70,13 +77,17 @@ def _charts_html(pngs: dict[str, bytes | None]) -> str:
     for chart_id, (title, _) in _charts().CHARTS.items():
         png = pngs.get(chart_id)
         if png is None:
-            parts.append(f'<figure id="chart-{chart_id}" class="missing"><figcaption>'
-                         f'{_e(title)}</figcaption><p class="note">Not recorded in this run.</p>'
-                         "</figure>")
+            parts.append(
+                f'<figure id="chart-{chart_id}" class="missing"><figcaption>'
+                f'{_e(title)}</figcaption><p class="note">Not recorded in this run.</p>'
+                "</figure>"
+            )
             continue
         encoded = base64.b64encode(png).decode("ascii")
-        parts.append(f'<figure id="chart-{chart_id}"><figcaption>{_e(title)}</figcaption>'
-                     f'<img alt="{_e(title)}" src="data:image/png;base64,{encoded}"></figure>')
+        parts.append(
+            f'<figure id="chart-{chart_id}"><figcaption>{_e(title)}</figcaption>'
+            f'<img alt="{_e(title)}" src="data:image/png;base64,{encoded}"></figure>'
+        )
     return "\n".join(parts)
 
 
@@ -86,18 +97,25 @@ def _meta_html(data: ReportData) -> str:
     rows = {
         "run store": data.run.path,
         "model": f"{model.get('class', '?')}: {model.get('parameters', '?')} parameters, "
-                 f"{model.get('watched_parameters', '?')} watched",
+        f"{model.get('watched_parameters', '?')} watched",
         "tensors / probed modules": f"{len(data.tensors)} / {len(data.modules)}",
         "recorded steps": f"{len(data.steps)}"
-                          + (f" ({data.steps[0]}–{data.steps[-1]})" if len(data.steps) else ""),
-        "guard events": ", ".join(f"{k}: {sum(e.kind == k for e in data.events)}"
-                                  for k in ("clip", "skip", "rollback")),
+        + (f" ({data.steps[0]}–{data.steps[-1]})" if len(data.steps) else ""),
+        "guard events": ", ".join(
+            f"{k}: {sum(e.kind == k for e in data.events)}" for k in ("clip", "skip", "rollback")
+        ),
     }
-    rows.update({k: json.dumps(v, default=str) if isinstance(v, (dict, list)) else v
-                 for k, v in meta.items()})
+    rows.update(
+        {
+            k: json.dumps(v, default=str) if isinstance(v, (dict, list)) else v
+            for k, v in meta.items()
+        }
+    )
     body = "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in rows.items())
-    return (f"<table>{body}</table><details><summary>model</summary>"
-            f"<pre>{_e(model.get('repr', ''))}</pre></details>")
+    return (
+        f"<table>{body}</table><details><summary>model</summary>"
+        f"<pre>{_e(model.get('repr', ''))}</pre></details>"
+    )
 
 
 def build_html(data: ReportData) -> str:
@@ -107,7 +125,7 @@ def build_html(data: ReportData) -> str:
     title = f"gradwatch report: {data.path}"
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
-<meta http-equiv="Content-Security-Policy" content="default-src 'none'; img-src data:; style-src 'unsafe-inline'">
+<meta http-equiv="Content-Security-Policy" content="{_POLICY}">
 <title>{_e(title)}</title><style>{_CSS}</style></head>
 <body>
 <h1>{_e(title)}</h1>
@@ -124,7 +142,7 @@ def build_html(data: ReportData) -> str:
 
 
 def report(run_dir: str | Path, out: str | Path = "report.html") -> Path:
-    """Write the self-contained HTML report of a run (also of a live or killed one); return its path.
+    """Write the self-contained HTML report of a run (also a live or killed one); return its path.
 
     Raises FileNotFoundError when `run_dir` holds no run store.
     """

@@ -22,14 +22,17 @@ def worst_layers(data: ReportData) -> list[tuple[str, float, str]]:
         return []
     with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):
         warnings.simplefilter("ignore", RuntimeWarning)
-        medians = np.nanmedian(grads[len(grads) // 2:], axis=0)
+        medians = np.nanmedian(grads[len(grads) // 2 :], axis=0)
         logs = np.log10(medians)
     finite = np.isfinite(logs)
     distance = logs - (np.median(logs[finite]) if finite.any() else 0.0)
     zero = [(data.tensors[i]["name"], -math.inf, "zero") for i in np.flatnonzero(medians == 0)]
     order = [i for i in np.argsort(-np.abs(np.where(finite, distance, 0))) if finite[i]]
-    ranked = [(data.tensors[i]["name"], float(distance[i]),
-               "small" if distance[i] < 0 else "large") for i in order if distance[i] != 0]
+    ranked = [
+        (data.tensors[i]["name"], float(distance[i]), "small" if distance[i] < 0 else "large")
+        for i in order
+        if distance[i] != 0
+    ]
     return (zero + ranked)[:WORST]
 
 
@@ -44,12 +47,17 @@ def print_summary(run_dir: str | Path) -> None:
     try:
         state, sentence = data.verdict
         color = {"healthy": "green", "problems": "red", "empty": "yellow"}[state]
-        console.print(Panel(f"[bold {color}]{sentence}[/]\n{data.completeness}",
-                            title=f"gradwatch: {run_dir}"))
+        console.print(
+            Panel(
+                f"[bold {color}]{sentence}[/]\n{data.completeness}", title=f"gradwatch: {run_dir}"
+            )
+        )
         for f in data.findings:
-            console.print(f"[bold]{f.kind}[/] at {f.layer or 'the whole model'!r}, "
-                          f"steps {f.step}-{f.last_step if f.last_step is not None else f.step}",
-                          highlight=False)
+            console.print(
+                f"[bold]{f.kind}[/] at {f.layer or 'the whole model'!r}, "
+                f"steps {f.step}-{f.last_step if f.last_step is not None else f.step}",
+                highlight=False,
+            )
             console.print(f"  {f.message}", markup=False, highlight=False)
             console.print(f"  [dim]what to do:[/] {f.remedy}", highlight=False)
         worst = worst_layers(data)
@@ -58,8 +66,9 @@ def print_summary(run_dir: str | Path) -> None:
             table.add_column("tensor")
             table.add_column("orders of magnitude", justify="right")
             for name, distance, side in worst:
-                table.add_row(name, "gradient is 0" if side == "zero" else
-                              f"{distance:+.1f} ({side})")
+                table.add_row(
+                    name, "gradient is 0" if side == "zero" else f"{distance:+.1f} ({side})"
+                )
             console.print(table)
         events = {k: sum(e.kind == k for e in data.events) for k in ("clip", "skip", "rollback")}
         if any(events.values()):

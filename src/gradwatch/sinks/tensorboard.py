@@ -42,8 +42,11 @@ class TensorBoard:
 
     def write_findings(self, findings: list[Finding]) -> None:
         for f in findings:
-            self._writer.add_text("findings", f"**{f.kind}** at `{f.layer}`: {f.message}\n\n"
-                                              f"What to do: {f.remedy}", f.step)
+            self._writer.add_text(
+                "findings",
+                f"**{f.kind}** at `{f.layer}`: {f.message}\n\nWhat to do: {f.remedy}",
+                f.step,
+            )
 
     def close(self) -> None:
         self._writer.close()
