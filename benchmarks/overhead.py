@@ -115,6 +115,9 @@ def measure(
 STABLE_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "4000000000", "MALLOC_TRIM_THRESHOLD_": "4000000000"}
 
 
+_MALLOC_TEXT = " ".join(f"{k}={v}" for k, v in STABLE_MALLOC.items())
+
+
 def _use_stable_malloc() -> None:
     """Re-run this process with STABLE_MALLOC set (the allocator reads it at start-up)."""
     if any(os.environ.get(k) != v for k, v in STABLE_MALLOC.items()):
@@ -133,8 +136,17 @@ def run_benchmark(variants: dict[str, Variant], name: str, description: str) -> 
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--steps", type=int, default=60, help="timed steps per variant and round")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=list(variants),
+        default=list(variants),
+        help="time only these variants (the first is the baseline)",
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    subset = len(args.variants) < len(variants)
+    variants = {name: variants[name] for name in args.variants}
     if not args.default_malloc:
         _use_stable_malloc()
 
@@ -154,12 +166,14 @@ def run_benchmark(variants: dict[str, Variant], name: str, description: str) -> 
     header = (
         f"# gradwatch {name} ({where}, torch {torch.__version__})\n\n"
         f"Command: `python benchmarks/{name}.py --device {args.device} --rounds {args.rounds} "
-        f"--steps {args.steps}{' --default-malloc' if args.default_malloc else ''}`. "
+        f"--steps {args.steps}{' --default-malloc' if args.default_malloc else ''}"
+        + (" --variants " + " ".join(repr(v) for v in args.variants) if subset else "")
+        + "`. "
         + (
             "glibc's default allocator thresholds. "
             if args.default_malloc
-            else f"Allocator thresholds fixed ({', '.join(f'{k}={v}' for k, v in STABLE_MALLOC.items())}"
-            ") so ratios do not jump between allocation regimes. "
+            else f"Allocator thresholds fixed ({_MALLOC_TEXT}) so ratios do not jump between "
+            "allocation regimes. "
         )
         + f"Medians of per-step times over {args.rounds} interleaved rounds "
         f"of {args.steps} steps per variant (order rotating each round); the floors read every "
@@ -179,11 +193,11 @@ def format_table(results: dict[str, dict[str, float]], header: str) -> str:
     lines = [
         header,
         "",
-        "| workload | variant | median step (ms) | ratio to plain |",
+        "| workload | variant | median step (ms) | ratio to the first variant |",
         "|---|---|---:|---:|",
     ]
     for workload, medians in results.items():
-        base = medians["plain"]
+        base = next(iter(medians.values()))
         for name, median in medians.items():
             lines.append(f"| {workload} | {name} | {median * 1e3:.2f} | {median / base:.3f} |")
     return "\n".join(lines) + "\n"

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from gradwatch.inventory import TensorInfo
-from gradwatch.stats.buffer import HostCopy
+from gradwatch.stats.buffer import HostCopy, PendingBlock
 from gradwatch.stats.flow import MODULE_STATS
 from gradwatch.stats.grads import TENSOR_STATS
 from gradwatch.store import RunWriter
@@ -63,13 +63,15 @@ def synthetic_run(
         )
         scalars = np.stack([np.sqrt((grad**2).sum(1)), 2.0 * np.exp(-step_ids / steps)], axis=1)
         writer.write_block(
-            list(step_ids),
-            TENSOR_STATS,
-            _host(tensor_data),
-            MODULE_STATS,
-            _host(module_data),
-            ("global_grad_norm", "loss"),
-            _host(scalars),
+            PendingBlock(
+                list(step_ids),
+                TENSOR_STATS,
+                _host(tensor_data),
+                MODULE_STATS,
+                _host(module_data),
+                ("global_grad_norm", "loss"),
+                _host(scalars),
+            )
         )
     writer.write_meta({"closed": True})
     writer.close()

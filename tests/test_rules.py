@@ -21,8 +21,9 @@ PROBLEMS = {"vanishing", "exploding", "dead_units", "saturation"}
 
 def train(model, tmp_path, steps=60, lr=0.05, in_features=64, optimizer=None, probe_every=10):
     optimizer = optimizer or torch.optim.SGD(model.parameters(), lr=lr)
-    with gw.watch(model, optimizer, run_dir=tmp_path / "run", flush_every=20,
-                  probe_every=probe_every) as w:
+    with gw.watch(
+        model, optimizer, run_dir=tmp_path / "run", flush_every=20, probe_every=probe_every
+    ) as w:
         for _ in range(steps):
             x, y = torch.randn(32, in_features), torch.randint(0, 10, (32,))
             loss = nn.functional.cross_entropy(model(x), y)
@@ -95,8 +96,9 @@ class LogAt(nn.Module):
 
 
 def test_nonfinite_names_a_custom_module_without_parameters(tmp_path):
-    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 32), LogAt(step=11),
-                          nn.Linear(32, 10))
+    model = nn.Sequential(
+        nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 32), LogAt(step=11), nn.Linear(32, 10)
+    )
     findings = kinds(train(model, tmp_path, steps=30, probe_every=7), "nonfinite")
     assert [(f.layer, f.step) for f in findings] == [("3", 11)]  # 11 is not a probe step
 

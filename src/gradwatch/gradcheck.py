@@ -173,19 +173,15 @@ def _compare(
     noise = _ROUNDING * max(abs(plus), abs(zero), abs(minus)) / eps
     tolerance = atol + rtol * scale + noise
     rel = abs(analytic - numeric) / scale if scale > 0 else 0.0
+
+    def row(status: str, reason: str = "") -> GradcheckRow:
+        return GradcheckRow(name, kind, status, analytic, numeric, rel, reason)
+
     if not all(math.isfinite(v) for v in (analytic, plus, zero, minus)):
-        return GradcheckRow(
-            name,
-            kind,
-            "inconclusive",
-            analytic,
-            numeric,
-            rel,
-            "a non-finite value in the forward pass or the gradient",
-        )
+        return row("inconclusive", "a non-finite value in the forward pass or the gradient")
     error = abs(analytic - numeric)
     if error <= tolerance:
-        return GradcheckRow(name, kind, "ok", analytic, numeric, rel)
+        return row("ok")
     # Slopes at a step 1000x smaller must match the one-sided slopes at ε: a kink is piecewise
     # linear (same slopes at both scales), a smooth function barely curves in between, but a
     # function computed at low precision moves by whole rounding steps (0, or far too much).
@@ -195,36 +191,18 @@ def _compare(
     tiny_right, tiny_left = (tiny_plus - zero) / tiny, (zero - tiny_minus) / tiny
     slack = 0.05 * (abs(right) + abs(left) + abs(analytic)) + _ROUNDING * abs(zero) / tiny
     if abs(tiny_right - right) > slack or abs(tiny_left - left) > slack:
-        return GradcheckRow(
-            name,
-            kind,
+        return row(
             "inconclusive",
-            analytic,
-            numeric,
-            rel,
-            "rounding dominates the difference: a cast to lower precision "
-            "inside? (slopes at ε and ε/1000 disagree)",
+            "rounding dominates the difference: a cast to lower "
+            "precision inside? (slopes at ε and ε/1000 disagree)",
         )
     if abs(right - left) > max(1e-3 * scale, tolerance):
-        return GradcheckRow(
-            name,
-            kind,
+        return row(
             "inconclusive",
-            analytic,
-            numeric,
-            rel,
             f"a kink (ReLU at 0, max, abs, sort): the one-sided slopes "
             f"{left:.4g} and {right:.4g} differ",
         )
-    return GradcheckRow(
-        name,
-        kind,
-        "mismatch",
-        analytic,
-        numeric,
-        rel,
-        f"autograd {analytic:.6g} vs finite difference {numeric:.6g}",
-    )
+    return row("mismatch", f"autograd {analytic:.6g} vs finite difference {numeric:.6g}")
 
 
 def _unit(like: Tensor, generator: torch.Generator) -> Tensor:

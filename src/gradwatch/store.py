@@ -23,7 +23,7 @@ import numpy as np
 
 from gradwatch.detect.findings import Finding
 from gradwatch.guards.base import Event
-from gradwatch.stats.buffer import HostCopy, StatsBlock
+from gradwatch.stats.buffer import PendingBlock, StatsBlock
 from gradwatch.stats.flow import MODULE_STATS
 from gradwatch.stats.grads import TENSOR_STATS
 
@@ -118,26 +118,9 @@ class RunWriter:
         """The probed modules as (name, type), in forward order."""
         self._submit(self._insert_modules, list(modules))
 
-    def write_block(
-        self,
-        steps: list[int],
-        tensor_stats: tuple[str, ...],
-        tensor_copy: HostCopy,
-        module_stats: tuple[str, ...],
-        module_copy: HostCopy,
-        scalar_names: tuple[str, ...],
-        scalar_copy: HostCopy,
-    ) -> None:
-        self._submit(
-            self._insert_block,
-            steps,
-            tensor_stats,
-            tensor_copy,
-            module_stats,
-            module_copy,
-            scalar_names,
-            scalar_copy,
-        )
+    def write_block(self, pending: PendingBlock) -> None:
+        """Commit a flushed block once its copy to the host has landed."""
+        self._submit(self._insert_block, pending)
 
     def write_findings(self, findings: Iterable[Finding]) -> None:
         self._submit(self._upsert_findings, list(findings))
@@ -205,26 +188,8 @@ class RunWriter:
             [(i, name, kind) for i, (name, kind) in enumerate(modules)],
         )
 
-    def _insert_block(
-        self,
-        conn: sqlite3.Connection,
-        steps: list[int],
-        tensor_stats: tuple[str, ...],
-        tensor_copy: HostCopy,
-        module_stats: tuple[str, ...],
-        module_copy: HostCopy,
-        scalar_names: tuple[str, ...],
-        scalar_copy: HostCopy,
-    ) -> None:
-        block = StatsBlock(
-            steps=np.asarray(steps, dtype=np.int64),
-            tensor_stats=tensor_stats,
-            tensor_data=tensor_copy.wait(),
-            module_stats=module_stats,
-            module_data=module_copy.wait(),
-            scalar_names=scalar_names,
-            scalar_data=scalar_copy.wait(),
-        )
+    def _insert_block(self, conn: sqlite3.Connection, pending: PendingBlock) -> None:
+        block = pending.wait()
         conn.execute(
             "INSERT INTO blocks (first_step, n_steps, steps, tensor_stats, tensor_data, "
             "module_stats, module_data, scalar_names, scalar_data) "

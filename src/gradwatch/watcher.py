@@ -33,7 +33,7 @@ from gradwatch.detect.layout import ModelLayout
 from gradwatch.guards.base import Guard, GuardContext
 from gradwatch.inventory import Inventory
 from gradwatch.sinks.base import Sink
-from gradwatch.stats.buffer import BlockBuffer, StatsBlock
+from gradwatch.stats.buffer import BlockBuffer, PendingBlock, StatsBlock
 from gradwatch.stats.flow import MODULE_STATS, ModuleProbes
 from gradwatch.stats.grads import TENSOR_STATS, GradStatistics, PresentGroup
 from gradwatch.store import RunWriter
@@ -82,7 +82,7 @@ class Watcher:
         self.run_dir = Path(config.run_dir)
         self._sinks = list(sinks)
         self._statistics = GradStatistics(self.inventory)
-        self._module_probes = ModuleProbes(model, self._forward_mode)
+        self._module_probes = ModuleProbes(model)
         self._diagnosis: Diagnosis | None = None  # set up at the first flush, see _fix_layout
         self._module_order: Tensor | None = None
         self._announced: set[tuple[str, str]] = set()
@@ -97,7 +97,7 @@ class Watcher:
         self._scalar_rows = BlockBuffer(rows, (8,), device)
         self._scalar_names: list[str] = [GLOBAL_GRAD_NORM]
         self._block_steps: list[int] = []  # the step of each filled buffer row, host side
-        self._step = 0
+        self._set_step(0)
         self._snapshot: list[list[Tensor]] | None = None
         self._hooks: list[Any] = []
         self._closed = False
@@ -132,7 +132,7 @@ class Watcher:
             self._record_grads(self._statistics.present(), row, self._step)
             if self._snapshot is not None and self._probes(self._step):
                 self._record_update()
-        self._step += 1
+        self._set_step(self._step + 1)
         self._snapshot = None
         if self._probes(self._step):  # θ now is θ_before of the next (probe) step
             self._snapshot = self._statistics.snapshot_params()
@@ -181,7 +181,7 @@ class Watcher:
                 f"the state has no entry for guard(s) {sorted(missing)}; it was saved from a "
                 f"watcher with guards {sorted(state.get('guards', {}))}"
             )
-        self._step = int(state["step"])
+        self._set_step(int(state["step"]))
         for guard in self._guards:
             guard.load_state_dict(state["guards"][guard.label])
 
@@ -241,7 +241,7 @@ class Watcher:
         if self._snapshot is not None:
             self._record_update()
             self._snapshot = None
-        self._step += 1
+        self._set_step(self._step + 1)
 
     def _record_grads(self, present: list[PresentGroup], row: int | None, step: int) -> Tensor:
         """Gradient statistics into `row` (if the step is recorded); the pre-guard global norm."""
@@ -303,12 +303,11 @@ class Watcher:
     def _probes(self, step: int) -> bool:
         return self.config.probe_every is not None and step % self.config.probe_every == 0
 
-    def _forward_mode(self) -> int:
-        """What the forward pass in progress belongs to (see ModuleProbes): the forward of step s
-        runs while the step counter is s, in both optimizer and manual mode."""
-        if self._probes(self._step):
-            return 2
-        return 1 if self._records(self._step) else 0
+    def _set_step(self, step: int) -> None:
+        """Move the step counter; tell the module probes what the next forward pass belongs to
+        (the forward of step s runs while the counter is s, with or without an optimizer)."""
+        self._step = step
+        self._module_probes.mode = 2 if self._probes(step) else 1 if self._records(step) else 0
 
     def _open_row(self, step: int) -> int:
         """The buffer row of `step`, flushing a full buffer first."""
@@ -332,13 +331,15 @@ class Watcher:
         if self._module_order is None:
             self._fix_layout()
         self._writer.write_block(
-            list(self._block_steps),
-            TENSOR_STATS,
-            self._tensor_rows.take(n),
-            MODULE_STATS,
-            self._module_rows.take(n, order=self._module_order),
-            tuple(self._scalar_names),
-            self._scalar_rows.take(n, width=len(self._scalar_names)),
+            PendingBlock(
+                list(self._block_steps),
+                TENSOR_STATS,
+                self._tensor_rows.take(n),
+                MODULE_STATS,
+                self._module_rows.take(n, order=self._module_order),
+                tuple(self._scalar_names),
+                self._scalar_rows.take(n, width=len(self._scalar_names)),
+            )
         )
         self._block_steps.clear()
 

@@ -103,3 +103,28 @@ class StatsBlock:
         if name not in self.scalar_names:
             return np.full(len(self.steps), np.nan, dtype=np.float32)
         return self.scalar_data[:, self.scalar_names.index(name)]
+
+
+@dataclass(frozen=True)
+class PendingBlock:
+    """A flushed block on its way to the host: the steps, the statistic names and the copies in
+    flight. `wait()` (in the writer thread) turns it into a `StatsBlock`."""
+
+    steps: list[int]
+    tensor_stats: tuple[str, ...]
+    tensor_copy: HostCopy
+    module_stats: tuple[str, ...]
+    module_copy: HostCopy
+    scalar_names: tuple[str, ...]
+    scalar_copy: HostCopy
+
+    def wait(self) -> StatsBlock:
+        return StatsBlock(
+            steps=np.asarray(self.steps, dtype=np.int64),
+            tensor_stats=self.tensor_stats,
+            tensor_data=self.tensor_copy.wait(),
+            module_stats=self.module_stats,
+            module_data=self.module_copy.wait(),
+            scalar_names=self.scalar_names,
+            scalar_data=self.scalar_copy.wait(),
+        )

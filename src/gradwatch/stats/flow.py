@@ -121,14 +121,15 @@ def first_tensor(output: Any) -> Tensor | None:
 class ModuleProbes:
     """Forward hooks on the probed modules that collect one step's module statistics.
 
-    `mode()` tells the hooks what the forward pass in progress belongs to: 0 = a step that is not
-    recorded, 1 = a recorded step (non-finite flags only), 2 = a probe step (everything). Passes
+    `mode` tells the hooks what the forward pass in progress belongs to: 0 = a step that is not
+    recorded, 1 = a recorded step (non-finite flags only), 2 = a probe step (everything); the
+    watcher sets it whenever its step counter moves. Passes
     under `torch.no_grad()` (evaluation) are ignored. `write(row)` moves what was collected into a
     buffer row [modules, len(MODULE_STATS)] and starts afresh; forward passes of gradient
     accumulation add up (a NaN in any micro-batch flags the step).
     """
 
-    def __init__(self, model: nn.Module, mode: Callable[[], int]) -> None:
+    def __init__(self, model: nn.Module) -> None:
         self.names: list[str] = []
         self.types: list[str] = []
         self._modules: list[nn.Module] = []
@@ -142,7 +143,7 @@ class ModuleProbes:
         self._flagged_every_step = [owns_parameters(m) or is_custom_leaf(m) for m in self._modules]
         self.forward_order: list[int] = []  # columns in the order of their first forward call
         self._seen: set[int] = set()
-        self._mode = mode
+        self.mode = 0
         self._sums: dict[int, Tensor] = {}
         self._activations: dict[int, Tensor] = {}
         self._signals: dict[int, Tensor] = {}
@@ -184,7 +185,7 @@ class ModuleProbes:
             if column not in self._seen:
                 self._seen.add(column)
                 self.forward_order.append(column)
-            mode = self._mode()
+            mode = self.mode
             if mode == 0 or (mode == 1 and not flagged_every_step):
                 return
             y = first_tensor(output)
