@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
 import sqlite3
 import threading
@@ -90,7 +91,10 @@ class RunWriter:
                 f"run_dir {str(self.path.parent)!r} already holds a gradwatch run; "
                 "pass a new run_dir or delete the old run first"
             )
-        conn = sqlite3.connect(self.path)
+        # Built under another name and renamed into place, so that a reader never finds the file
+        # before its tables exist.
+        draft = self.path.with_name(f".{self.path.name}.{os.getpid()}.draft")
+        conn = sqlite3.connect(draft)
         try:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.executescript(_SCHEMA)
@@ -100,6 +104,7 @@ class RunWriter:
             conn.commit()
         finally:
             conn.close()
+        os.replace(draft, self.path)
         self.block_listeners: list[Callable[[StatsBlock], None]] = []
         self.error: BaseException | None = None
         self._queue: queue.Queue[tuple[Callable[..., None], tuple[Any, ...]] | None] = queue.Queue()
