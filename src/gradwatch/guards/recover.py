@@ -72,7 +72,8 @@ class Rollback(Guard):
     `lr_factor`, skips the step and records a `rollback` event. After `max_rollbacks` rollbacks
     it raises an error that says what to change.
 
-    Host sync: two scalars per step (gradient norm and loss), plus the snapshot copies. Memory:
+    Host sync: one read of two scalars per step (gradient norm and loss), plus the snapshot
+    copies. Memory:
     `keep` copies of the model and optimizer state in host RAM. An lr scheduler that sets the lr
     from scratch each step overrides the lowered lr. Snapshots are not part of `state_dict()`.
     """
@@ -126,10 +127,10 @@ class Rollback(Guard):
 
     def _diagnose(self, ctx: GuardContext) -> str | None:
         loss = ctx.loss if ctx.step != self._ignore_loss_at else None
-        loss_value = torch.as_tensor(math.nan if loss is None else loss).detach().float()
-        norm, loss_value = torch.stack(
-            [ctx.current_norm().float().cpu(), loss_value.cpu()]
-        ).tolist()  # host sync: the rollback decision is made on the host
+        norm = ctx.current_norm().float()
+        loss_value = torch.as_tensor(math.nan if loss is None else loss).detach()
+        both = torch.stack([norm, loss_value.float().reshape(()).to(norm.device)])
+        norm, loss_value = both.tolist()  # host sync: the rollback decision is made on the host
         self._skips = self._skips + 1 if ctx.skipped else 0
         if self._skips >= self.max_skips:
             return f"{self._skips} consecutive skipped steps"
