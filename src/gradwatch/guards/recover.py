@@ -73,9 +73,9 @@ class Rollback(Guard):
     it raises an error that says what to change.
 
     Host sync: one read of two scalars per step (gradient norm and loss), plus the snapshot
-    copies. Memory:
-    `keep` copies of the model and optimizer state in host RAM. An lr scheduler that sets the lr
-    from scratch each step overrides the lowered lr. Snapshots are not part of `state_dict()`.
+    copies. Memory: `keep` copies of the model and optimizer state in host RAM. An lr scheduler
+    that sets the lr from scratch each step overrides the lowered lr. Snapshots are not part of
+    `state_dict()`.
     """
 
     def __init__(
