@@ -7,11 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from gradwatch.detect.findings import Finding
+from gradwatch.detect.findings import FINDING_KINDS, Finding
 from gradwatch.guards.base import Event
 from gradwatch.store import Run
-
-PROBLEM_KINDS = ("vanishing", "exploding", "nonfinite", "dead_units", "saturation", "spike")
 
 
 class ReportData:
@@ -83,9 +81,9 @@ class ReportData:
                 "No data yet: this run has not flushed a step (it is starting, or "
                 "it stopped before its first flush).",
             )
-        problems = [f for f in self.findings if f.kind in PROBLEM_KINDS]
+        problems = self.findings  # every finding kind names a problem
         if problems:
-            kinds = sorted({f.kind for f in problems}, key=PROBLEM_KINDS.index)
+            kinds = sorted({f.kind for f in problems}, key=FINDING_KINDS.index)
             return (
                 "problems",
                 f"Problems found: {', '.join(kinds)} "
