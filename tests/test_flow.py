@@ -55,6 +55,7 @@ def reference(model: Reordered, x: torch.Tensor, y: torch.Tensor) -> dict[str, d
             "dead_frac": (v.abs().amax(dim=0) == 0).float().mean().item(),
             "saturated_frac": sat,
             "act_nonfinite": 0.0,
+            "nonfinite_rank": np.nan,  # no output held NaN/Inf
         }
     return ref
 

@@ -58,7 +58,7 @@ def test_report_has_verdict_findings_every_chart_and_nothing_external(tmp_path):
         assert f'id="chart-{chart_id}"><figcaption>' in page  # drawn, not "not recorded"
     assert page.count("data:image/png;base64,") == len(CHARTS)
     assert "<script" not in page and "http://" not in page and "https://" not in page
-    assert "Complete run: 60 recorded steps." in page
+    assert "Complete run: 60 recorded steps, 1 process." in page
 
 
 def test_names_are_escaped(tmp_path):
@@ -83,7 +83,7 @@ def test_empty_partial_and_live_runs_say_so(tmp_path):
     assert "Incomplete run" in live and "7 steps flushed so far" in live
     w.close()
     done = gw.report(tmp_path / "live", tmp_path / "done.html").read_text()
-    assert "Complete run: 7 recorded steps." in done
+    assert "Complete run: 7 recorded steps, 1 process." in done
 
 
 def test_a_killed_run_still_gets_a_report(tmp_path):

@@ -246,6 +246,21 @@ class RunWriter:
         )
 
 
+class DiscardingWriter:
+    """What a rank other than 0 has instead of a `RunWriter`: it takes every write and keeps
+    nothing, so that only global rank 0 creates files (no shared file system is assumed)."""
+
+    def __init__(self) -> None:
+        self.block_listeners: list[Callable[[StatsBlock], None]] = []
+        self.error: BaseException | None = None
+
+    def _discard(self, *args: Any) -> None:
+        return None
+
+    write_meta = write_tensors = write_modules = write_block = _discard
+    write_findings = write_events = drain = close = _discard
+
+
 class Run:
     """Read-only view of a run store; works while the run is still being written.
 

@@ -7,6 +7,10 @@ optimizer.step()
   step post-hook  on probe steps ‖θ_after − θ_before‖ / ‖θ_before‖; the step counter moves on
 every `flush_every` recorded steps the buffer goes to the host with one copy, and the writer thread
 commits it to the run store. Nothing in the step path waits for the host.
+
+Under torch.distributed (see `distributed.py`) every rank runs the same hooks on its own batch or
+shard; the flush combines the ranks' partial statistics with a few all-reduces, and only global
+rank 0 writes the store.
 """
 
 from __future__ import annotations
@@ -30,13 +34,29 @@ from gradwatch.config import WatchConfig, check_model_and_optimizer, label_guard
 from gradwatch.detect.diagnosis import Diagnosis
 from gradwatch.detect.findings import Finding
 from gradwatch.detect.layout import ModelLayout
+from gradwatch.distributed import (
+    Topology,
+    agree,
+    check_same_block,
+    collective_device,
+    mean_over_ranks,
+    module_class,
+    topology,
+    unwrap,
+)
 from gradwatch.guards.base import Guard, GuardContext
 from gradwatch.inventory import Inventory
 from gradwatch.sinks.base import Sink
 from gradwatch.stats.buffer import BlockBuffer, PendingBlock, StatsBlock
-from gradwatch.stats.flow import MODULE_STATS, ModuleProbes
-from gradwatch.stats.grads import TENSOR_STATS, GradStatistics, PresentGroup
-from gradwatch.store import RunWriter
+from gradwatch.stats.flow import MODULE_STATS, ModuleProbes, combine_flags
+from gradwatch.stats.grads import (
+    TENSOR_STATS,
+    GradStatistics,
+    PresentGroup,
+    combine_shards,
+    global_norm,
+)
+from gradwatch.store import DiscardingWriter, RunWriter
 
 logger = logging.getLogger("gradwatch")
 
@@ -49,7 +69,9 @@ class Watcher:
 
     Without an optimizer, call `step()` after each update; with one, gradwatch counts steps inside
     `optimizer.step()`. `log(**scalars)` attaches scalars to the current step, `findings()` lists
-    what was diagnosed, `close()` flushes and removes every hook.
+    what was diagnosed, `close()` flushes and removes every hook. Under torch.distributed every
+    rank calls the same methods at the same steps; `findings()` lists them on rank 0, which
+    writes the store, and is empty elsewhere.
     """
 
     def __init__(
@@ -60,7 +82,9 @@ class Watcher:
         guards: Sequence[Guard] = (),
         sinks: Sequence[Sink] = (),
     ) -> None:
-        check_model_and_optimizer(model, optimizer)
+        check_model_and_optimizer(unwrap(model), optimizer)
+        self._topology: Topology = topology(model)
+        model = unwrap(model)
         if model in _watched_models:
             raise RuntimeError(
                 f"this {type(model).__name__} is already watched by an open Watcher; close it first"
@@ -70,19 +94,15 @@ class Watcher:
         self.optimizer = optimizer
         self.config = config
         self.inventory = Inventory(model)
-        try:
-            self._writer = RunWriter(config.run_dir)
-        except (OSError, sqlite3.Error) as exc:
-            if isinstance(exc, FileExistsError):
-                raise
-            raise OSError(
-                f"run_dir {config.run_dir!r} cannot be written ({exc}); "
-                "pass a run_dir in a directory you can write to"
-            ) from exc
+        topo = self._topology
+        self._collective_device = collective_device(topo, self.inventory.device)
+        self._writer = self._open_store(config.run_dir)
         self.run_dir = Path(config.run_dir)
         self._sinks = list(sinks)
-        self._statistics = GradStatistics(self.inventory)
-        self._module_probes = ModuleProbes(model)
+        self._statistics = GradStatistics(self.inventory, sharded=topo.sharded)
+        self._module_probes = ModuleProbes(
+            model, self.inventory.device, topo.ranks, topo.rank, topo.world_size
+        )
         self._diagnosis: Diagnosis | None = None  # set up at the first flush, see _fix_layout
         self._module_order: Tensor | None = None
         self._announced: set[tuple[str, str]] = set()
@@ -231,9 +251,9 @@ class Watcher:
         present = self._statistics.present()
         row = self._open_row(step) if self._records(step) else None
         if row is not None or self._guards:
-            global_norm = self._record_grads(present, row, step)
+            norm = self._record_grads(present, row, step)
             if self._guards:
-                self._apply_guards(step, present, global_norm, row)
+                self._apply_guards(step, present, global_norm(norm, self._topology.shards), row)
         if self._probes(step):  # after the guards: a rollback changes θ_before
             self._snapshot = self._statistics.snapshot_params()
 
@@ -244,17 +264,19 @@ class Watcher:
         self._set_step(self._step + 1)
 
     def _record_grads(self, present: list[PresentGroup], row: int | None, step: int) -> Tensor:
-        """Gradient statistics into `row` (if the step is recorded); the pre-guard global norm."""
-        global_norm = self._statistics.record_grads(
+        """Gradient statistics into `row` (if the step is recorded); the pre-guard global norm of
+        this rank's gradients (of its shards, under FSDP2)."""
+        probe = self._probes(step)
+        norm = self._statistics.record_grads(
             present,
             None if row is None else self._tensor_rows.data[row],
-            probe=self._probes(step),
+            probe=probe,
             device=self.inventory.device,
         )
         if row is not None:
-            self._record_scalar(row, GLOBAL_GRAD_NORM, global_norm)
-            self._module_probes.write(self._module_rows.data[row])
-        return global_norm
+            self._record_scalar(row, GLOBAL_GRAD_NORM, norm)
+            self._module_probes.write(self._module_rows.data[row], probe)
+        return norm
 
     def _apply_guards(
         self, step: int, present: list[PresentGroup], global_norm: Tensor, row: int | None
@@ -269,6 +291,8 @@ class Watcher:
             loss=self._last_loss,
             record=lambda name, value: self._record_scalar(row, name, value),
             event=lambda event: self._writer.write_events([event]),
+            shards=self._topology.shards,
+            ranks=self._topology.ranks,
         )
         for guard in self._guards:
             if ctx.skipped and not guard.runs_on_skipped_steps:
@@ -330,20 +354,76 @@ class Watcher:
             return
         if self._module_order is None:
             self._fix_layout()
+        topo, names = self._topology, tuple(self._scalar_names)
+        combine_tensors = combine_modules = combine_scalars = None
+        if topo.distributed:  # every rank flushes the same steps: the collectives line up
+            union = check_same_block(topo, n, self._block_steps[0], names, self._collective_device)
+            if topo.sharded:
+                combine_tensors = lambda block: combine_shards(block, topo.shards)  # noqa: E731
+            combine_modules = lambda block: combine_flags(block, topo.ranks, topo.rank)  # noqa: E731
+            combine_scalars = lambda block: mean_over_ranks(  # noqa: E731
+                block, names, union, topo, {GLOBAL_GRAD_NORM}
+            )
+            names = union
         self._writer.write_block(
             PendingBlock(
                 list(self._block_steps),
                 TENSOR_STATS,
-                self._tensor_rows.take(n),
+                self._tensor_rows.take(n, combine=combine_tensors),
                 MODULE_STATS,
-                self._module_rows.take(n, order=self._module_order),
-                tuple(self._scalar_names),
-                self._scalar_rows.take(n, width=len(self._scalar_names)),
+                self._module_rows.take(n, order=self._module_order, combine=combine_modules),
+                names,
+                self._scalar_rows.take(n, width=len(self._scalar_names), combine=combine_scalars),
             )
         )
         self._block_steps.clear()
 
     # ---- set-up helpers ----------------------------------------------------------------------
+    def _open_store(self, run_dir: str) -> RunWriter | DiscardingWriter:
+        """The run store on global rank 0 (a writer that keeps nothing elsewhere), once every rank
+        agrees on the set-up: a failure on one rank raises on all of them."""
+        writer: RunWriter | DiscardingWriter = DiscardingWriter()
+        error: BaseException | None = None
+        if self._topology.writes:
+            try:
+                writer = RunWriter(run_dir)
+            except FileExistsError as exc:
+                error = exc
+            except (OSError, sqlite3.Error) as exc:
+                error = OSError(
+                    f"run_dir {run_dir!r} cannot be written ({exc}); "
+                    "pass a run_dir in a directory you can write to"
+                )
+                error.__cause__ = exc
+        try:
+            agree(self._topology, self._fingerprint(), error, self._collective_device)
+        except BaseException:
+            writer.close()
+            raise
+        return writer
+
+    def _fingerprint(self) -> str:
+        """What every rank must set up alike: schedule, guards and the watched names."""
+        config = self.config
+        guards = [
+            (
+                type(g).__name__,
+                sorted(
+                    (k, v)
+                    for k, v in vars(g).items()
+                    if not k.startswith("_") and isinstance(v, (int, float, str))
+                ),
+            )
+            for g in self._guards
+        ]
+        return repr(
+            (
+                (config.every, config.probe_every, config.flush_every),
+                guards,
+                [(t.name, t.shape) for t in self.inventory.tensors],
+            )
+        )
+
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("this Watcher is closed; call gw.watch() again to keep watching")
@@ -372,6 +452,7 @@ class Watcher:
             builtin=tuple(probes.builtin(c) for c in order),
             zeroing=tuple(probes.zeroing(c) for c in order),
             saturating=tuple(probes.saturating(c) for c in order),
+            world_size=self._topology.world_size,
         )
         self._diagnosis = Diagnosis(layout, self._publish)
         self._writer.block_listeners.append(self._diagnosis)
@@ -405,7 +486,7 @@ class Watcher:
         return {
             "config": asdict(self.config),
             "model": {
-                "class": type(model).__name__,
+                "class": module_class(model).__name__,
                 "parameters": sum(p.numel() for p in model.parameters()),
                 "watched_parameters": sum(t.numel for t in self.inventory.tensors),
                 "repr": repr(model)[:20_000],
@@ -413,6 +494,7 @@ class Watcher:
             "optimizer": type(self.optimizer).__name__ if self.optimizer is not None else None,
             "not_watched": self.inventory.skipped,
             "device": str(self.inventory.device),
+            "distributed": self._topology.meta(),
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
             "versions": {
                 "gradwatch": __version__,

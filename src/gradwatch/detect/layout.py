@@ -12,7 +12,8 @@ class ModelLayout:
     `tensors` / `tensor_modules` name the per-tensor columns and the module owning each tensor;
     `modules` names the per-module columns in forward order, with each module's class name and
     whether it owns parameters, is one of torch.nn's own layers, is a zeroing (ReLU-family) or a
-    saturating (sigmoid/tanh-family) activation.
+    saturating (sigmoid/tanh-family) activation. `world_size` is the number of ranks whose
+    batches the statistics describe.
     """
 
     tensors: tuple[str, ...]
@@ -23,6 +24,7 @@ class ModelLayout:
     builtin: tuple[bool, ...]
     zeroing: tuple[bool, ...]
     saturating: tuple[bool, ...]
+    world_size: int = 1
 
     def feeding_layer(self, column: int) -> int:
         """The nearest module before `column` in forward order that owns parameters (the layer

@@ -205,12 +205,17 @@ def nonfinite(block: StatsBlock, layout: ModelLayout, memory: Memory) -> list[Fi
 
 def _nonfinite_finding(block, layout, row, step, origin, direction, bad_tensors) -> Finding:
     name, kind = layout.modules[origin], layout.module_types[origin]
+    rank = None
+    if direction == "forward":
+        code = block.module_series("nonfinite_rank")[row, origin]
+        rank = int(code) if np.isfinite(code) else None
+    on_rank = f" on rank {rank}" if rank is not None and layout.world_size > 1 else ""
     # Probe rows are those with a non-finite count (a count is finite even for NaN gradients).
     probe_rows = np.isfinite(block.tensor_series("grad_nonfinite")[row:]).any(axis=1)
     params = block.tensor_series("param_norm")[row:][probe_rows]
     hit = [layout.tensors[t] for t in np.flatnonzero((~np.isfinite(params)).any(axis=0))]
     where = (
-        f"the output of {name!r} ({kind}) is the first in forward order to hold NaN/Inf"
+        f"the output of {name!r} ({kind}) is the first in forward order to hold NaN/Inf{on_rank}"
         if direction == "forward"
         else f"the gradient turned NaN/Inf in backward at {name!r} ({kind}): the layers before it "
         "received non-finite gradients, the layers after it did not"
@@ -222,7 +227,16 @@ def _nonfinite_finding(block, layout, row, step, origin, direction, bad_tensors)
     )
     stds = block.module_series("act_std")[: row + 1]
     largest = float(np.nanmax(stds)) if np.isfinite(stds).any() else None
-    if layout.builtin[origin]:
+    if direction == "forward" and origin == 0:
+        cause = (
+            f"{name!r} is the first module of the forward pass, so the batch itself{on_rank} "
+            "most likely held NaN/Inf (or the values overflowed in this first layer)"
+        )
+        remedy = (
+            f"check the input batch of step {step}{on_rank} (torch.isfinite(x).all()) and the "
+            "data pipeline that made it"
+        )
+    elif layout.builtin[origin]:
         cause = (
             f"a built-in {kind} makes NaN/Inf out of finite values only by overflow: the "
             "values reaching it grew too large"
@@ -251,6 +265,7 @@ def _nonfinite_finding(block, layout, row, step, origin, direction, bad_tensors)
             "nonfinite_grad_tensors": [layout.tensors[t] for t in bad_tensors[:20]],
             "parameters_hit": hit[:20],
             "largest_act_std_before": largest,
+            "rank": rank,
         },
         remedy=remedy + "; gw.guards.SkipNonFinite() skips such steps before they reach the "
         "weights",

@@ -10,7 +10,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from gradwatch.stats.grads import l2_norms
+from gradwatch.distributed import LOCAL, Reduction
+from gradwatch.stats.grads import global_norm, l2_norms
 
 EVENT_KINDS: tuple[str, ...] = ("clip", "skip", "rollback")
 
@@ -35,6 +36,11 @@ class GuardContext:
     `record(name, value)` stores a device scalar with the step (no host sync); `event(e)` records
     an action decided on the host; `skip_step()` makes the optimizer leave every parameter and its
     state untouched this step.
+
+    Under torch.distributed, `groups` hold this rank's gradients (its shards under FSDP2) and
+    the norms are the whole model's: `shards` reduces partial statistics over the ranks that
+    share a parameter (FSDP2; the identity otherwise), `ranks` over every rank, for decisions
+    that all ranks must take together (`any_rank`).
     """
 
     step: int
@@ -45,6 +51,8 @@ class GuardContext:
     loss: Tensor | float | None
     record: Callable[[str, Tensor], None]
     event: Callable[[Event], None]
+    shards: Reduction = LOCAL
+    ranks: Reduction = LOCAL
     skipped: bool = False
     _modified: bool = False
 
@@ -63,7 +71,12 @@ class GuardContext:
         partials = [
             torch.linalg.vector_norm(l2_norms(g)).to(self.global_norm.device) for g in self.grads()
         ]
-        return torch.linalg.vector_norm(torch.stack(partials))
+        return global_norm(torch.linalg.vector_norm(torch.stack(partials)), self.shards)
+
+    def any_rank(self, flag: Tensor) -> Tensor:
+        """Whether `flag` (a device bool scalar) is set on any rank: one all-reduce across ranks
+        under torch.distributed, no collective otherwise. No host sync."""
+        return self.ranks.max(flag.float().reshape(1)).reshape(()) > 0
 
     def scale_grads(self, scale: Tensor) -> None:
         """Multiply every gradient by a device scalar: one foreach kernel per group, no sync."""

@@ -2,6 +2,7 @@
 
 Each decides and scales on the device with no host sync; what it did is recorded as per-step
 scalars (`<label>.norm`, `<label>.scale`, ...) and turned into `clip` events at flush time.
+Under FSDP2 every norm is the whole tensor's (shard partials all-reduced), so all ranks scale alike.
 """
 
 from __future__ import annotations
@@ -36,6 +37,13 @@ def _clip_to(ctx: GuardContext, label: str, norm: Tensor, threshold: Tensor) -> 
     ctx.record(f"{label}.scale", scale)
 
 
+def _largest(ctx: GuardContext) -> Tensor:
+    """max |g| over every gradient (over every shard: one MAX all-reduce under FSDP2)."""
+    device = ctx.global_norm.device
+    local = torch.stack([max_abs(g).max().to(device) for g in ctx.grads()]).max()
+    return ctx.shards.max(local.reshape(1)).reshape(())
+
+
 class ClipNorm(Guard):
     """Scale all gradients so that their total `norm_type`-norm is at most `max_norm`.
 
@@ -58,13 +66,19 @@ class ClipNorm(Guard):
     def _total_norm(self, ctx: GuardContext) -> Tensor:
         if self.norm_type == 2.0:
             return ctx.current_norm()
-        device = ctx.global_norm.device
         if self.norm_type == math.inf:
-            return torch.stack([max_abs(g).max().to(device) for g in ctx.grads()]).max()
-        per_tensor = [
-            torch.stack(torch._foreach_norm(g, self.norm_type)).to(device) for g in ctx.grads()
+            return _largest(ctx)
+        device = ctx.global_norm.device
+        powers = [
+            torch.stack(torch._foreach_norm(g, self.norm_type, dtype=torch.float32))
+            .double()
+            .pow(self.norm_type)
+            .sum()
+            .to(device)
+            for g in ctx.grads()
         ]
-        return torch.linalg.vector_norm(torch.cat(per_tensor), self.norm_type)
+        total = ctx.shards.sum(torch.stack(powers).sum().reshape(1)).reshape(())
+        return total.pow(1 / self.norm_type).float()
 
     def events(self, steps: np.ndarray, scalars: Mapping[str, np.ndarray]) -> list[Event]:
         return clip_events(self, steps, scalars)
@@ -82,8 +96,7 @@ class ClipValue(Guard):
         self.label = "ClipValue"
 
     def apply(self, ctx: GuardContext) -> None:
-        device = ctx.global_norm.device
-        largest = torch.stack([max_abs(g).max().to(device) for g in ctx.grads()]).max()
+        largest = _largest(ctx)
         for grads in ctx.grads():
             torch._foreach_clamp_min_(grads, -self.clip_value)
             torch._foreach_clamp_max_(grads, self.clip_value)
@@ -104,6 +117,8 @@ class AGC(Guard):
     whose name starts with one of `exclude` (e.g. the final classifier, as the paper advises) are
     left alone (a name matches a prefix that is a whole module path: "fc" excludes "fc.weight",
     not "fc2.weight"). No host sync; cost: one small reduction per tensor and one scaling pass.
+    Under FSDP2 the rows of a weight sharded on dim 0 are whole on their rank; the norms of
+    one-dimensional tensors are all-reduced (one collective for all of them).
 
     References:
         Brock, De, Smith, Simonyan. High-Performance Large-Scale Image Recognition Without
@@ -119,24 +134,41 @@ class AGC(Guard):
         self.label = "AGC"
 
     def apply(self, ctx: GuardContext) -> None:
-        clipped = []
-        for names, params, grads in ctx.groups:
-            for name, param, grad in zip(names, params, grads, strict=True):
-                if any(name == e or name.startswith(e + ".") for e in self.exclude):
-                    continue
-                clipped.append(self._clip(param.detach(), grad))
-        if clipped:
-            ctx.mark_modified()
-            device = ctx.global_norm.device
-            ctx.record(f"{self.label}.clipped_units", torch.stack(clipped).to(device).sum())
+        pairs = [
+            (param.detach(), grad)
+            for names, params, grads in ctx.groups
+            for name, param, grad in zip(names, params, grads, strict=True)
+            if not any(name == e or name.startswith(e + ".") for e in self.exclude)
+        ]
+        if not pairs:
+            return
+        device = ctx.global_norm.device
+        whole = [
+            torch.stack(
+                [torch.linalg.vector_norm(t, dtype=torch.float32).square() for t in pair]
+            ).to(device)
+            for pair in pairs
+            if pair[0].dim() <= 1
+        ]
+        # Squared whole-tensor norms of the 1-D tensors, summed over shards in one collective.
+        sums = iter(ctx.shards.sum(torch.stack(whole)).sqrt() if whole else ())
+        clipped = [
+            self._clip(weight, grad, None if weight.dim() > 1 else next(sums))
+            for weight, grad in pairs
+        ]
+        ctx.mark_modified()
+        ctx.record(f"{self.label}.clipped_units", torch.stack(clipped).to(device).sum())
 
-    def _clip(self, weight: Tensor, grad: Tensor) -> Tensor:
-        if weight.dim() > 1:
+    def _clip(self, weight: Tensor, grad: Tensor, whole_norms: Tensor | None) -> Tensor:
+        """Clip one tensor's units; `whole_norms` holds [‖W‖, ‖G‖] of a 1-D tensor."""
+        if whole_norms is None:
             weight_norms = torch.linalg.vector_norm(weight.flatten(1), dim=1, dtype=torch.float32)
             grad_norms = torch.linalg.vector_norm(grad.flatten(1), dim=1, dtype=torch.float32)
         else:
-            weight_norms = torch.linalg.vector_norm(weight, dtype=torch.float32).reshape(1)
-            grad_norms = torch.linalg.vector_norm(grad, dtype=torch.float32).reshape(1)
+            weight_norms, grad_norms = (
+                whole_norms[:1].to(grad.device),
+                whole_norms[1:].to(grad.device),
+            )
         limit = self.clipping * weight_norms.clamp_min(self.eps)
         scale = torch.clamp(limit / grad_norms.clamp_min(1e-6), max=1.0)
         grad.mul_(

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from gradwatch.distributed import local_tensor, shard_like
 from gradwatch.guards.base import Event, Guard, GuardContext
 
 
@@ -19,6 +20,8 @@ class SkipNonFinite(Guard):
 
     The step's gradients are dropped (`.grad = None`), so the optimizer leaves every parameter and
     its state (momentum, Adam moments, step counts) untouched; a `skip` event is recorded.
+    Under torch.distributed every rank skips when any rank's gradients (or shards) hold a NaN/Inf:
+    one small all-reduce per step.
     Host sync: one scalar per step (whether the gradient norm is finite). Cost: nothing else.
     """
 
@@ -29,8 +32,8 @@ class SkipNonFinite(Guard):
     def apply(self, ctx: GuardContext) -> None:
         if ctx.skipped:
             return
-        norm = ctx.current_norm()
-        if not bool(torch.isfinite(norm)):  # host sync: skipping is a host decision
+        poisoned = ctx.any_rank(~torch.isfinite(ctx.current_norm()))
+        if bool(poisoned):  # host sync: skipping is a host decision
             ctx.skip_step()
             self.skipped += 1
             ctx.event(Event("skip", ctx.step, self.label, {"reason": "non-finite gradients"}))
@@ -44,20 +47,65 @@ class SkipNonFinite(Guard):
 
 @dataclass(frozen=True)
 class _Snapshot:
+    """Host copies of this rank's model state (its shards under FSDP2), of the optimizer state
+    per parameter position, and of the param groups' settings."""
+
     step: int
     model: dict[str, Tensor]
-    optimizer: dict[str, Any]
+    optimizer: dict[int, dict[str, Any]]
+    groups: tuple[dict[str, Any], ...]
     lrs: tuple[float, ...]
 
 
 def _to_host(value: Any) -> Any:
     if isinstance(value, Tensor):
-        return value.detach().to("cpu", copy=True)
-    if isinstance(value, dict):
-        return {k: _to_host(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_to_host(v) for v in value)
+        return local_tensor(value.detach()).to("cpu", copy=True)
     return value
+
+
+def _parameters(optimizer: torch.optim.Optimizer) -> list[Tensor]:
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def _take_snapshot(step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+    state = optimizer.state
+    return _Snapshot(
+        step=step,
+        model={k: _to_host(v) for k, v in model.state_dict().items()},
+        optimizer={
+            i: {k: _to_host(v) for k, v in state[p].items()}
+            for i, p in enumerate(_parameters(optimizer))
+            if p in state
+        },
+        groups=tuple({k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups),
+        lrs=tuple(g["lr"] for g in optimizer.param_groups),
+    )
+
+
+@torch.no_grad()
+def _restore(snapshot: _Snapshot, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+    """Copy the snapshot back in place, each rank into its own shards: parameters, buffers and
+    optimizer state keep their identity (and their DTensor layout under FSDP2)."""
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if isinstance(tensor, Tensor):
+            local_tensor(tensor.detach()).copy_(snapshot.model[name])
+    for i, p in enumerate(_parameters(optimizer)):
+        saved = snapshot.optimizer.get(i)
+        if saved is None:
+            optimizer.state.pop(p, None)  # no state yet at the snapshot: the optimizer starts anew
+            continue
+        live = optimizer.state[p]
+        for key, value in saved.items():
+            current = live.get(key)
+            if isinstance(value, Tensor) and isinstance(current, Tensor):
+                local_tensor(current).copy_(value)
+            elif isinstance(value, Tensor):
+                device = local_tensor(p.detach()).device
+                live[key] = shard_like(p, value.to(device, copy=True))
+            else:
+                live[key] = value
+    for group, saved_group in zip(optimizer.param_groups, snapshot.groups, strict=True):
+        group.update(saved_group)
 
 
 class Rollback(Guard):
@@ -72,10 +120,12 @@ class Rollback(Guard):
     `lr_factor`, skips the step and records a `rollback` event. After `max_rollbacks` rollbacks
     it raises an error that says what to change.
 
-    Host sync: one read of two scalars per step (gradient norm and loss), plus the snapshot
+    Host sync: one read of a few scalars per step (gradient norm and loss), plus the snapshot
     copies. Memory: `keep` copies of the model and optimizer state in host RAM. An lr scheduler
     that sets the lr from scratch each step overrides the lowered lr. Snapshots are not part of
-    `state_dict()`.
+    `state_dict()`. Under torch.distributed each rank snapshots its own state (its shards under
+    FSDP2) and the decision is shared: the loss is the mean over ranks, the gradients count as
+    non-finite where any rank's are (one small all-reduce per step); all ranks roll back together.
     """
 
     def __init__(
@@ -129,8 +179,23 @@ class Rollback(Guard):
         loss = ctx.loss if ctx.step != self._ignore_loss_at else None
         norm = ctx.current_norm().float()
         loss_value = torch.as_tensor(math.nan if loss is None else loss).detach()
-        both = torch.stack([norm, loss_value.float().reshape(()).to(norm.device)])
-        norm, loss_value = both.tolist()  # host sync: the rollback decision is made on the host
+        loss_value = loss_value.double().reshape(()).to(norm.device)
+        logged = torch.tensor(0.0 if loss is None else 1.0, dtype=torch.float64, device=norm.device)
+        # Summed over ranks: how many ranks have non-finite gradients, the loss total, how many
+        # ranks logged one and how many of those losses are non-finite.
+        packed = torch.stack(
+            [
+                (~torch.isfinite(norm)).double(),
+                torch.where(torch.isfinite(loss_value), loss_value, 0.0),
+                logged,
+                logged * (~torch.isfinite(loss_value)).double(),
+            ]
+        )
+        # host sync: the rollback decision is made on the host
+        bad_norm, loss_total, loss_count, bad_loss = ctx.ranks.sum(packed).tolist()
+        norm = math.inf if bad_norm > 0 else 0.0
+        if loss is not None and loss_count > 0:
+            loss_value = math.nan if bad_loss > 0 else loss_total / loss_count
         self._skips = self._skips + 1 if ctx.skipped else 0
         if self._skips >= self.max_skips:
             return f"{self._skips} consecutive skipped steps"
@@ -151,14 +216,7 @@ class Rollback(Guard):
 
     def _snapshot(self, ctx: GuardContext) -> None:
         assert ctx.optimizer is not None
-        self._snapshots.append(
-            _Snapshot(
-                step=ctx.step,
-                model=_to_host(ctx.model.state_dict()),
-                optimizer=_to_host(ctx.optimizer.state_dict()),
-                lrs=tuple(g["lr"] for g in ctx.optimizer.param_groups),
-            )
-        )
+        self._snapshots.append(_take_snapshot(ctx.step, ctx.model, ctx.optimizer))
         self._fresh_since_rollback = True
 
     def _roll_back(self, ctx: GuardContext, reason: str) -> None:
@@ -173,8 +231,7 @@ class Rollback(Guard):
             self._snapshots.pop()  # it diverged again from this one: go further back
         snapshot = self._snapshots[-1]
         current_lrs = [g["lr"] for g in ctx.optimizer.param_groups]
-        ctx.model.load_state_dict(snapshot.model)
-        ctx.optimizer.load_state_dict(snapshot.optimizer)
+        _restore(snapshot, ctx.model, ctx.optimizer)
         for group, old, now in zip(
             ctx.optimizer.param_groups, snapshot.lrs, current_lrs, strict=True
         ):

@@ -12,6 +12,14 @@ from gradwatch.guards.base import Event
 from gradwatch.store import Run
 
 
+def processes_line(meta: dict) -> str:
+    """How the run was spread: "1 process", or "2 ranks (ddp, gloo)"."""
+    spread = meta.get("distributed") or {}
+    if spread.get("world_size", 1) <= 1:
+        return "1 process"
+    return f"{spread['world_size']} ranks ({spread['strategy']}, {spread['backend']})"
+
+
 class ReportData:
     """A snapshot of a run for reporting: series are read on first use and kept."""
 
@@ -92,12 +100,16 @@ class ReportData:
         return ("healthy", "Healthy: no gradient problem was found.")
 
     @property
+    def processes(self) -> str:
+        return processes_line(self.meta)
+
+    @property
     def completeness(self) -> str:
         if self.meta.get("closed"):
-            return f"Complete run: {len(self.steps)} recorded steps."
+            return f"Complete run: {len(self.steps)} recorded steps, {self.processes}."
         return (
             f"Incomplete run: it was not closed (still running, or killed); this shows the "
-            f"{len(self.steps)} steps flushed so far."
+            f"{len(self.steps)} steps flushed so far ({self.processes})."
         )
 
     def close(self) -> None:

@@ -99,6 +99,7 @@ def _meta_html(data: ReportData) -> str:
         "model": f"{model.get('class', '?')}: {model.get('parameters', '?')} parameters, "
         f"{model.get('watched_parameters', '?')} watched",
         "tensors / probed modules": f"{len(data.tensors)} / {len(data.modules)}",
+        "processes": data.processes,
         "recorded steps": f"{len(data.steps)}"
         + (f" ({data.steps[0]}–{data.steps[-1]})" if len(data.steps) else ""),
         "guard events": ", ".join(

@@ -62,11 +62,13 @@ class TensorBoard:
 
 def export_tensorboard(run_dir: str | Path, log_dir: str | Path) -> Path:
     """Write a stored run (live or finished) as TensorBoard event files in `log_dir`."""
+    from gradwatch.report.data import processes_line
     from gradwatch.store import Run
 
     run = Run(run_dir)
     sink = TensorBoard(log_dir)
     try:
+        sink._writer.add_text("run", f"gradwatch run {run_dir}: {processes_line(run.meta)}", 0)
         tensors, modules = run.tensors, run.modules
         for block in run.blocks():
             sink.write_block(block, tensors, modules)

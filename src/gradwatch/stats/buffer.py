@@ -7,6 +7,7 @@ host with one copy and resets them to NaN. Device memory: rows x prod(shape) x 4
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,16 +55,26 @@ class BlockBuffer:
         wider[..., :width] = self.data
         self.data = wider
 
-    def take(self, n: int, width: int | None = None, order: Tensor | None = None) -> HostCopy:
+    def take(
+        self,
+        n: int,
+        width: int | None = None,
+        order: Tensor | None = None,
+        combine: Callable[[Tensor], Tensor] | None = None,
+    ) -> HostCopy:
         """Start copying the first `n` rows to the host, then reset the buffer to NaN.
 
-        `width` keeps that many entries of the last axis; `order` reorders axis 1. Stream order
-        makes the reset wait for the copy; nothing syncs with the host.
+        `width` keeps that many entries of the last axis; `order` reorders axis 1; `combine`
+        turns the block into what is stored (in distributed training: the whole-model statistics
+        from this rank's partials) and may work in place. Stream order makes the reset wait for
+        the copy; nothing syncs with the host beyond what `combine` does.
         """
         block = self.data[:n] if width is None else self.data[:n, ..., :width]
         if order is not None:
             block = block.index_select(1, order)
-        if self.data.device.type == "cuda":
+        if combine is not None:
+            block = combine(block)
+        if block.device.type == "cuda":
             host = torch.empty(block.shape, dtype=block.dtype, pin_memory=True)
             host.copy_(block, non_blocking=True)
             done = torch.cuda.Event()

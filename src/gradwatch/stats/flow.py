@@ -21,6 +21,16 @@ channel axis for outputs of 4 or more dimensions):
 - `saturated_frac` share of outputs within 1% (of the output range) of a bound, for bounded
                    activations (sigmoid, tanh, hardtanh, hardsigmoid, softsign); NaN for others.
                    Probe steps.
+- `nonfinite_rank` the lowest rank whose output held NaN/±Inf (0 in a single process); NaN when
+                   no rank's did. With `act_nonfinite`.
+
+A step's statistics describe every forward pass of that step (gradient accumulation pools its
+micro-batches) and, in data-parallel training, the global batch: the hooks add summable partials
+(moments, squared signal norms, per-unit firing counts) into preallocated tensors, and `write`
+combines them over ranks with one all-reduce per probe step. With the loss the ranks optimise
+together, the mean of their losses, ∂L/∂y_r = ∂loss_r/∂y_r / W, so signal_norm = √Σ_r‖∂loss_r/∂y_r‖²
+/ W. Holding the state in tensors (no dicts that grow) also keeps `torch.compile` from recompiling
+the hooks: one graph per value of `mode`.
 
 Nothing here syncs with the host: values stay device tensors until the step's row is written.
 """
@@ -34,6 +44,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from gradwatch.distributed import LOCAL, Reduction, lowest_rank, module_class, rank_code
+
 MODULE_STATS: tuple[str, ...] = (
     "signal_norm",
     "act_mean",
@@ -41,8 +53,19 @@ MODULE_STATS: tuple[str, ...] = (
     "dead_frac",
     "saturated_frac",
     "act_nonfinite",
+    "nonfinite_rank",
 )
-SIGNAL_NORM, ACT_MEAN, ACT_STD, DEAD_FRAC, SATURATED_FRAC, ACT_NONFINITE = range(len(MODULE_STATS))
+(
+    SIGNAL_NORM,
+    ACT_MEAN,
+    ACT_STD,
+    DEAD_FRAC,
+    SATURATED_FRAC,
+    ACT_NONFINITE,
+    NONFINITE_RANK,
+) = range(len(MODULE_STATS))
+# The summable moments of one output (see `activation_moments`).
+_N, _SUM, _SUM_MEAN_SQ, _SPREAD, _SATURATED = range(5)
 
 # Activations whose output is exactly 0 for a dead unit.
 ZEROING_ACTIVATIONS: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6)
@@ -74,11 +97,14 @@ def owns_parameters(module: nn.Module) -> bool:
     return any(True for _ in module.parameters(recurse=False))
 
 
+def is_builtin(module: nn.Module) -> bool:
+    """Whether the module is one of torch.nn's own (also under FSDP2's wrapper class)."""
+    return module_class(module).__module__.startswith("torch.nn.")
+
+
 def is_custom_leaf(module: nn.Module) -> bool:
     """A module of the user's own (not torch.nn's) with no child modules."""
-    return not type(module).__module__.startswith("torch.nn.") and not any(
-        True for _ in module.children()
-    )
+    return not is_builtin(module) and not any(True for _ in module.children())
 
 
 def probed_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -90,23 +116,34 @@ def probed_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     ]
 
 
-def activation_stats(y: Tensor, bounds: tuple[float, float] | None) -> Tensor:
-    """[act_mean, act_std, dead_frac, saturated_frac] of one output, float32, on y's device."""
+def activation_moments(y: Tensor, bounds: tuple[float, float] | None) -> Tensor:
+    """The summable moments of one output, float64: [n, n·mean, n·mean², (n−1)·var, saturated].
+
+    Summed over micro-batches and ranks they give the pooled mean Σn·m / N and variance
+    (Σ(n−1)·var + Σn·m² − N·mean²) / (N − 1); the saturated count is NaN for unbounded modules.
+    """
     y = y.detach().float()
-    std, mean = torch.std_mean(y)
-    if y.dim() >= 2:
-        unit_dim = 1 if y.dim() >= 4 else y.dim() - 1
-        others = tuple(d for d in range(y.dim()) if d != unit_dim)
-        dead = y.abs().amax(dim=others).eq(0).float().mean()
-    else:
-        dead = torch.full_like(mean, torch.nan)
+    n = y.numel()
+    var, mean = torch.var_mean(y)
+    mean = mean.double()
+    spread = var.double() * (n - 1) if n > 1 else torch.zeros_like(mean)
     if bounds is None:
         saturated = torch.full_like(mean, torch.nan)
     else:
         low, high = bounds
         half = (high - low) / 2
-        saturated = (y - (low + half)).abs().ge(0.98 * half).float().mean()
-    return torch.stack([mean, std, dead, saturated])
+        saturated = (y - (low + half)).abs().ge(0.98 * half).sum().double()
+    return torch.stack([torch.full_like(mean, n), n * mean, n * mean * mean, spread, saturated])
+
+
+def fired_units(y: Tensor) -> Tensor | None:
+    """1 for each unit (last axis; channel axis for 4+ dims) that is non-zero for some example,
+    else 0; None for outputs of fewer than 2 dimensions."""
+    if y.dim() < 2:
+        return None
+    unit_dim = 1 if y.dim() >= 4 else y.dim() - 1
+    others = tuple(d for d in range(y.dim()) if d != unit_dim)
+    return y.detach().abs().amax(dim=others).ne(0).float()
 
 
 def first_tensor(output: Any) -> Tensor | None:
@@ -123,32 +160,45 @@ class ModuleProbes:
 
     `mode` tells the hooks what the forward pass in progress belongs to: 0 = a step that is not
     recorded, 1 = a recorded step (non-finite flags only), 2 = a probe step (everything); the
-    watcher sets it whenever its step counter moves. Passes
-    under `torch.no_grad()` (evaluation) are ignored. `write(row)` moves what was collected into a
-    buffer row [modules, len(MODULE_STATS)] and starts afresh; forward passes of gradient
-    accumulation add up (a NaN in any micro-batch flags the step).
+    watcher sets it whenever its step counter moves. Passes under `torch.no_grad()` (evaluation)
+    are ignored. `write(row, probe)` turns what was collected into a buffer row [modules,
+    len(MODULE_STATS)] and starts afresh; on a probe step it issues one all-reduce over `ranks`.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        device: torch.device,
+        ranks: Reduction = LOCAL,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
         self.names: list[str] = []
         self.types: list[str] = []
         self._modules: list[nn.Module] = []
         self._bounds: list[tuple[float, float] | None] = []
         for name, module in probed_modules(model):
             self.names.append(name)
-            self.types.append(type(module).__name__)
+            self.types.append(module_class(module).__name__)
             self._modules.append(module)
             self._bounds.append(saturation_bounds(module))
+        self.device = device
+        self.ranks, self.rank, self.world_size = ranks, rank, world_size
         # The modules whose outputs are flagged every recorded step (see `act_nonfinite`).
         self._flagged_every_step = [owns_parameters(m) or is_custom_leaf(m) for m in self._modules]
         self.forward_order: list[int] = []  # columns in the order of their first forward call
         self._seen: set[int] = set()
         self.mode = 0
-        self._sums: dict[int, Tensor] = {}
-        self._activations: dict[int, Tensor] = {}
-        self._signals: dict[int, Tensor] = {}
+        width = len(self._modules)
+        wide = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+        self._sums = torch.zeros(width, device=device)  # Σ sum(y): non-finite if y was
+        self._calls = torch.zeros(width, device=device)
+        self._moments = torch.zeros(width, 5, dtype=wide, device=device)
+        self._signal = torch.zeros(width, 2, device=device)  # Σ‖∂L/∂y‖², backward passes
+        self._fired: dict[int, Tensor] = {}  # per unit: in how many forward calls it fired
+        self._signal_hooks = [self._signal_hook(c) for c in range(width)]
         self._unsupported: set[int] = set()
-        self._index_cache: dict[tuple[int, ...], Tensor] = {}
+        self._segments: tuple[tuple[int, ...], Tensor, Tensor, Tensor] | None = None
         self.handles: list[Any] = []
 
     def attach(self) -> None:
@@ -159,9 +209,7 @@ class ModuleProbes:
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
-        self._sums.clear()
-        self._activations.clear()
-        self._signals.clear()
+        self._reset(probe=True)
 
     def zeroing(self, column: int) -> bool:
         return isinstance(self._modules[column], ZEROING_ACTIVATIONS)
@@ -171,13 +219,14 @@ class ModuleProbes:
 
     def builtin(self, column: int) -> bool:
         """Whether the module is one of torch.nn's own layers (not a user's custom module)."""
-        return type(self._modules[column]).__module__.startswith("torch.nn.")
+        return is_builtin(self._modules[column])
 
     def owns_parameters(self, column: int) -> bool:
         return owns_parameters(self._modules[column])
 
     def _hook(self, column: int) -> Callable[[nn.Module, Any, Any], None]:
         flagged_every_step = self._flagged_every_step[column]
+        bounds = self._bounds[column]
 
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             if not torch.is_grad_enabled():
@@ -192,46 +241,90 @@ class ModuleProbes:
             if y is None or not y.is_floating_point():
                 self._warn_unsupported(column, output)
                 return
-            total = torch.sum(y.detach(), dtype=torch.float32)
-            previous = self._sums.get(column)
-            self._sums[column] = total if previous is None else previous + total
+            total = torch.sum(y.detach(), dtype=torch.float32).to(self.device)
+            self._sums.select(0, column).add_(total)
+            self._calls.select(0, column).add_(1)
             if mode == 2:
-                self._activations[column] = activation_stats(y, self._bounds[column])
+                moments = activation_moments(y, bounds).to(self._moments)
+                self._moments.select(0, column).add_(moments)
+                fired = fired_units(y)
+                if fired is not None:
+                    fired = fired.to(self.device)
+                    if column not in self._fired:
+                        self._fired[column] = torch.zeros_like(fired)
+                    self._fired[column].add_(fired)
                 if y.requires_grad:
-                    y.register_hook(self._signal_hook(column))
+                    y.register_hook(self._signal_hooks[column])
 
         return hook
 
     def _signal_hook(self, column: int) -> Callable[[Tensor], None]:
         def record(grad: Tensor) -> None:
-            norm = torch.linalg.vector_norm(grad, dtype=torch.float32)
-            previous = self._signals.get(column)
-            self._signals[column] = norm if previous is None else torch.hypot(previous, norm)
+            squared = torch.linalg.vector_norm(grad, dtype=torch.float32).square()
+            self._signal.select(0, column).add_(
+                torch.stack([squared, torch.ones_like(squared)]).to(self.device)
+            )
 
         return record
 
-    def write(self, row: Tensor) -> None:
-        """Move the collected statistics into `row` and clear them. No host sync."""
-        if self._sums:
-            flags = torch.stack(list(self._sums.values())).isfinite().logical_not().float()
-            self._put(row, ACT_NONFINITE, ACT_NONFINITE + 1, self._sums, flags[:, None])
-        if self._activations:
-            values = torch.stack(list(self._activations.values()))
-            self._put(row, ACT_MEAN, SATURATED_FRAC + 1, self._activations, values)
-        if self._signals:
-            values = torch.stack(list(self._signals.values()))
-            self._put(row, SIGNAL_NORM, SIGNAL_NORM + 1, self._signals, values[:, None])
-        self._sums.clear()
-        self._activations.clear()
-        self._signals.clear()
+    def write(self, row: Tensor, probe: bool) -> None:
+        """Turn the collected statistics into `row` and clear them. No host sync; on a probe step
+        one all-reduce over the ranks (all ranks call this at the same steps)."""
+        called = self._calls > 0
+        flags = torch.isfinite(self._sums).logical_not().float()
+        row[:, ACT_NONFINITE] = torch.where(called, flags, torch.nan)
+        row[:, NONFINITE_RANK] = torch.where(called & (flags > 0), float(self.rank), torch.nan)
+        if probe:
+            self._write_probe(row)
+        self._reset(probe)
 
-    def _put(self, row: Tensor, start: int, stop: int, source: dict[int, Tensor], values: Tensor):
-        key = tuple(source)
-        index = self._index_cache.get(key)
-        if index is None:
-            index = torch.tensor(key, dtype=torch.long, device=row.device)
-            self._index_cache[key] = index
-        row[:, start:stop].index_copy_(0, index, values.to(row.device, non_blocking=True))
+    def _write_probe(self, row: Tensor) -> None:
+        columns = tuple(sorted(self._fired))
+        wide = self._moments.dtype
+        packed = torch.cat(
+            [self._moments.flatten(), self._signal.to(wide).flatten()]
+            + [self._fired[c].to(wide) for c in columns]
+        )
+        self.ranks.sum(packed)
+        width = len(self._modules)
+        moments = packed[: 5 * width].view(width, 5)
+        signal = packed[5 * width : 7 * width].view(width, 2)
+        n = moments[:, _N]
+        mean = moments[:, _SUM] / n
+        spread = moments[:, _SPREAD] + (moments[:, _SUM_MEAN_SQ] - moments[:, _SUM] * mean)
+        values = torch.stack(
+            [
+                torch.where(signal[:, 1] > 0, signal[:, 0].sqrt() / self.world_size, torch.nan),
+                mean,
+                (spread.clamp_min(0) / (n - 1)).sqrt(),
+                self._dead_fractions(columns, packed[7 * width :]),
+                moments[:, _SATURATED] / n,
+            ],
+            dim=1,
+        )
+        row[:, SIGNAL_NORM : SATURATED_FRAC + 1] = values.to(row)
+
+    def _dead_fractions(self, columns: tuple[int, ...], fired: Tensor) -> Tensor:
+        """Per module, the share of units that fired in no forward call on any rank."""
+        dead = torch.full((len(self._modules),), torch.nan, dtype=fired.dtype, device=fired.device)
+        if not columns:
+            return dead
+        if self._segments is None or self._segments[0] != columns:
+            index = torch.tensor(columns, device=fired.device)
+            sizes = torch.tensor([len(self._fired[c]) for c in columns], device=fired.device)
+            self._segments = (columns, index, torch.repeat_interleave(index, sizes), sizes)
+        _, index, owner, sizes = self._segments
+        counts = torch.zeros_like(dead).index_add_(0, owner, fired.eq(0).to(dead.dtype))
+        return dead.index_copy_(0, index, counts[index] / sizes.to(dead.dtype))
+
+    def _reset(self, probe: bool) -> None:
+        self._sums.zero_()
+        self._calls.zero_()
+        if probe:
+            self._moments.zero_()
+            self._signal.zero_()
+            for fired in self._fired.values():
+                fired.zero_()
 
     def _warn_unsupported(self, column: int, output: Any) -> None:
         if column in self._unsupported:
@@ -243,3 +336,17 @@ class ModuleProbes:
             "tensor; it is left out of the per-module statistics",
             stacklevel=2,
         )
+
+
+def combine_flags(data: Tensor, ranks: Reduction, rank: int) -> Tensor:
+    """Non-finite flags of a flushed block [steps, modules, stats] over all ranks, in place: one
+    f64 SUM all-reduce. A module is flagged where any rank flagged it; `nonfinite_rank` is the
+    lowest such rank (each rank sends 2^-rank, see `distributed.lowest_rank`)."""
+    flags = data[:, :, ACT_NONFINITE].double()
+    packed = torch.stack(
+        [(~torch.isnan(flags)).double(), torch.where(flags > 0, rank_code(rank), 0.0)]
+    )
+    ranks.sum(packed)
+    data[:, :, ACT_NONFINITE] = torch.where(packed[0] > 0, (packed[1] > 0).float(), torch.nan)
+    data[:, :, NONFINITE_RANK] = lowest_rank(packed[1]).float()
+    return data

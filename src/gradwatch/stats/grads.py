@@ -17,6 +17,10 @@ step. The rest wait for probe steps (each further pass costs about 3% of an MLP 
 - `update_ratio`   ‖θ_after − θ_before‖₂ / ‖θ_before‖₂ (NaN where θ_before = 0): probe steps only;
                    the snapshot is a copy of the parameters held from the step pre-hook to the
                    post-hook (one copy, two passes).
+
+Under FSDP2 every pass runs on this rank's shard (`local_tensor`), and a buffer row holds the
+shard's partials until the flush combines them (`combine_shards`): norms as themselves, maxima,
+counts, and in the `update_ratio` column ‖Δθ_r‖ instead of the ratio.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from gradwatch.distributed import Reduction, local_tensor
 from gradwatch.inventory import Inventory
 
 TENSOR_STATS: tuple[str, ...] = (
@@ -51,6 +56,8 @@ def max_abs(tensors: list[Tensor]) -> Tensor:
     """
     if tensors[0].device.type != "cpu":
         return torch.stack(torch._foreach_norm(tensors, float("inf"), dtype=torch.float32))
+    # An empty shard (FSDP2 shards unevenly) has no entries: its max is 0.
+    tensors = [t if t.numel() else t.new_zeros(1) for t in tensors]
     lows, highs = zip(*(torch.aminmax(t) for t in tensors), strict=True)
     return torch.maximum(torch.stack(highs), torch.stack(lows).neg()).float()
 
@@ -78,11 +85,13 @@ class GradStatistics:
 
     A row is a float32 tensor [tensors, len(TENSOR_STATS)] on the inventory's device, NaN where a
     statistic was not computed. Parameters whose `.grad` is None at a step keep NaN grad statistics.
+    With `sharded` (FSDP2) the row holds this rank's partials, see the module docstring.
     No method syncs with the host.
     """
 
-    def __init__(self, inventory: Inventory) -> None:
+    def __init__(self, inventory: Inventory, sharded: bool = False) -> None:
         self.inventory = inventory
+        self.sharded = sharded
         self._index_cache: dict[tuple[torch.device, tuple[int, ...]], Tensor] = {}
 
     def present(self) -> list[PresentGroup]:
@@ -94,7 +103,11 @@ class GradStatistics:
             ]
             if members:
                 index, params = zip(*members, strict=True)
-                groups.append(PresentGroup(index, list(params), [p.grad for p in params]))
+                grads = [p.grad for p in params]
+                if self.sharded:
+                    params = [local_tensor(p.detach()) for p in params]
+                    grads = [local_tensor(g) for g in grads]
+                groups.append(PresentGroup(index, list(params), grads))
         return groups
 
     def record_grads(
@@ -104,7 +117,8 @@ class GradStatistics:
         return the global L2 norm on `device`.
 
         The global norm is sqrt(Σ ‖g_i‖²) over the gradients present: the value `clip_grad_norm_`
-        computes, taken before any guard acts. It is 0 when no parameter has a gradient.
+        computes, taken before any guard acts. It is 0 when no parameter has a gradient. Sharded,
+        it is this rank's part (see `global_norm`).
         """
         partials = []
         for group in present:
@@ -128,9 +142,7 @@ class GradStatistics:
     def snapshot_params(self) -> list[list[Tensor]]:
         """Copies of the watched parameters, one list per group: θ_before of this update."""
         # _foreach_mul by 1 allocates and copies the whole group in one fused kernel on CUDA.
-        return [
-            torch._foreach_mul([p.detach() for p in g.params], 1.0) for g in self.inventory.groups
-        ]
+        return [torch._foreach_mul(self._params(g.params), 1.0) for g in self.inventory.groups]
 
     def record_update(self, row: Tensor, snapshot: list[list[Tensor]]) -> None:
         """Fill `param_norm` (‖θ_before‖) and `update_ratio` (‖θ_after − θ_before‖ / ‖θ_before‖).
@@ -139,13 +151,21 @@ class GradStatistics:
         """
         for group, before in zip(self.inventory.groups, snapshot, strict=True):
             before_norms = l2_norms(before)
-            torch._foreach_sub_(before, [p.detach() for p in group.params])
-            # A parameter that is all zeros (a fresh bias) has no relative update: NaN, not inf.
-            ratios = torch.where(before_norms > 0, l2_norms(before) / before_norms, torch.nan)
+            torch._foreach_sub_(before, self._params(group.params))
+            if self.sharded:  # the ratio needs the whole tensor's norms: combined at flush
+                ratios = l2_norms(before)
+            else:
+                # A parameter that is all zeros (a fresh bias) has no relative update: NaN, not inf.
+                ratios = torch.where(before_norms > 0, l2_norms(before) / before_norms, torch.nan)
             values = torch.stack([before_norms, ratios], dim=1).to(row.device, non_blocking=True)
             row[:, PARAM_NORM : UPDATE_RATIO + 1].index_copy_(
                 0, self._index(group.index, row.device), values
             )
+
+    def _params(self, params: tuple[nn.Parameter, ...]) -> list[Tensor]:
+        if self.sharded:
+            return [local_tensor(p.detach()) for p in params]
+        return [p.detach() for p in params]
 
     def _index(self, index: tuple[int, ...], device: torch.device) -> Tensor:
         key = (device, index)
@@ -154,3 +174,36 @@ class GradStatistics:
             cached = torch.tensor(index, dtype=torch.long, device=device)
             self._index_cache[key] = cached
         return cached
+
+
+def global_norm(partial: Tensor, shards: Reduction) -> Tensor:
+    """The whole model's gradient norm from this rank's part: √Σ_r ‖g_r‖² over the shard group
+    (one all-reduce under FSDP2; the part itself otherwise)."""
+    if not shards.active:
+        return partial
+    return shards.sum(partial.double().square()).sqrt().float()
+
+
+def combine_shards(data: Tensor, shards: Reduction) -> Tensor:
+    """Turn a block of per-shard partial rows [steps, tensors, stats] into whole-tensor
+    statistics, in place: one f64 SUM all-reduce (squared norms, counts) and one MAX all-reduce.
+
+    Norms are squared in float64, so norms up to 1e154 combine without overflow. A NaN marks a
+    statistic not recorded at a step (the same on every rank) and stays NaN; a shard whose max is
+    NaN (it holds a NaN) makes the combined max +inf (the non-finite count tells how many).
+    """
+    norms = data[:, :, [GRAD_NORM, GRAD_NONFINITE, PARAM_NORM, UPDATE_RATIO]].double()
+    norms[:, :, [0, 2, 3]] = norms[:, :, [0, 2, 3]].square()
+    shards.sum(norms)
+    grad_norm, counts = norms[:, :, 0].sqrt(), norms[:, :, 1]
+    param_norm, update_norm = norms[:, :, 2].sqrt(), norms[:, :, 3].sqrt()
+    ratios = torch.where(param_norm > 0, update_norm / param_norm, torch.nan)
+    largest = data[:, :, GRAD_MAX]
+    recorded = ~torch.isnan(largest)
+    maxima = shards.max(torch.where(recorded, largest.nan_to_num(torch.inf), -torch.inf))
+    data[:, :, GRAD_MAX] = torch.where(maxima == -torch.inf, torch.nan, maxima)
+    data[:, :, GRAD_NORM] = grad_norm.float()
+    data[:, :, GRAD_NONFINITE] = counts.float()
+    data[:, :, PARAM_NORM] = param_norm.float()
+    data[:, :, UPDATE_RATIO] = ratios.float()
+    return data

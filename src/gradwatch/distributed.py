@@ -1,0 +1,331 @@
+"""The process group as gradwatch sees it: strategy, rank, and the reductions that turn per-rank
+partial statistics into whole-model ones.
+
+Strategies:
+- `none`: one process, or an initialised process group and a model the user replicates across
+  ranks himself (every rank holds the whole model and its own batch).
+- `ddp`: `DistributedDataParallel`; gradwatch watches `model.module`, so names carry no `module.`
+  prefix. Gradients are averaged over ranks by DDP: per-tensor statistics need no collective.
+- `fsdp2`: parameters are DTensors sharded on dim 0 by `fully_shard` over a 1-D device mesh that
+  spans every rank. Each rank computes its shard's partial statistics; they are combined at flush.
+
+What is combined, and when (W = world size, r = rank):
+- per-tensor (fsdp2 only), at flush: ‖g‖ = √Σ_r‖g_r‖², max|g| = max_r, non-finite counts summed,
+  ‖θ‖ = √Σ_r‖θ_r‖², ‖Δθ‖ likewise; one f64 SUM and one MAX all-reduce of the block.
+- module statistics (every data-parallel strategy), per probe step: one SUM all-reduce of the
+  per-module moments and per-unit counts (see `stats/flow.py`).
+- non-finite flags and logged scalars, at flush: in the same SUM all-reduce; a flag is sent as
+  2^-r, so the sum names the lowest rank whose output held NaN/Inf; scalars become the mean over
+  the ranks that logged them.
+- guard decisions, per step, only for guards that need them (a global norm under fsdp2, "any rank
+  non-finite" for SkipNonFinite and Rollback).
+
+Every collective here is issued by all ranks at the same point of the same step (the schedule is
+checked to be equal on all ranks at `watch()`), so ranks never wait for one another forever.
+This module imports only torch.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+try:
+    import torch.distributed as dist
+
+    _AVAILABLE = dist.is_available()
+except ImportError:  # pragma: no cover - builds without distributed support
+    _AVAILABLE = False
+
+try:
+    from torch.distributed.tensor import DTensor, Shard
+except ImportError:  # pragma: no cover - torch without DTensor
+    DTensor, Shard = None, None
+
+try:
+    from torch.distributed.fsdp import FSDPModule
+except ImportError:  # pragma: no cover - torch without FSDP2
+    FSDPModule = None
+
+STRATEGIES: tuple[str, ...] = ("none", "ddp", "fsdp2")
+# A rank above this is named as this one in non-finite flags (2^-r must stay a normal float64).
+_MAX_NAMED_RANK = 1000
+
+
+@dataclass(frozen=True)
+class Reduction:
+    """Sums and maxima over one process group; the identity where `group` is None.
+
+    Each call is one all-reduce of the given tensor, in place, and returns it.
+    """
+
+    group: Any = None
+    active: bool = False
+
+    def sum(self, tensor: Tensor) -> Tensor:
+        if self.active:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)
+        return tensor
+
+    def max(self, tensor: Tensor) -> Tensor:
+        if self.active:
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.group)
+        return tensor
+
+
+LOCAL = Reduction()
+
+
+@dataclass(frozen=True)
+class Topology:
+    """How the watched model is spread over processes.
+
+    `model` is the module gradwatch watches (DDP's wrapper removed). `ranks` reduces over every
+    rank (data-parallel statistics and decisions), `shards` over the ranks that hold shards of one
+    parameter (fsdp2; the identity otherwise).
+    """
+
+    strategy: str = "none"
+    rank: int = 0
+    world_size: int = 1
+    backend: str | None = None
+    ranks: Reduction = LOCAL
+    shards: Reduction = LOCAL
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def sharded(self) -> bool:
+        return self.strategy == "fsdp2"
+
+    @property
+    def writes(self) -> bool:
+        """Whether this process writes the run store (global rank 0 only)."""
+        return self.rank == 0
+
+    def meta(self) -> dict[str, Any]:
+        return {
+            "strategy": self.strategy,
+            "world_size": self.world_size,
+            "backend": self.backend,
+            "writer_rank": 0,
+        }
+
+
+def is_dtensor(tensor: Any) -> bool:
+    return DTensor is not None and isinstance(tensor, DTensor)
+
+
+def local_tensor(tensor: Tensor) -> Tensor:
+    """This rank's shard of a DTensor (sharing its storage), or the tensor itself."""
+    return tensor.to_local() if is_dtensor(tensor) else tensor
+
+
+def module_class(module: nn.Module) -> type[nn.Module]:
+    """The user's class of a module, beneath the class `fully_shard` swaps in (FSDPLinear...)."""
+    kind = type(module)
+    if FSDPModule is not None and isinstance(module, FSDPModule):
+        mro = kind.__mro__
+        return next(c for c in mro[mro.index(FSDPModule) + 1 :] if issubclass(c, nn.Module))
+    return kind
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module to watch: DDP's `.module`, else the model itself."""
+    if _AVAILABLE and isinstance(model, nn.parallel.DistributedDataParallel):
+        return model.module
+    return model
+
+
+def topology(model: nn.Module) -> Topology:
+    """Find the strategy of `model` under the default process group, or raise a clear error for a
+    set-up gradwatch does not support. `model` is the model as the user passed it."""
+    _reject_unsupported(model)
+    if not (_AVAILABLE and dist.is_initialized()):
+        if any(is_dtensor(p) for p in model.parameters()):
+            raise ValueError(
+                "the model has DTensor parameters but no process group is initialised; call "
+                "torch.distributed.init_process_group() before gw.watch()"
+            )
+        return Topology()
+    rank, world, backend = dist.get_rank(), dist.get_world_size(), dist.get_backend()
+    ranks = Reduction(None, world > 1)
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        return Topology("ddp", rank, world, backend, ranks)
+    params = [p for p in model.parameters() if p.requires_grad]
+    sharded = [p for p in params if is_dtensor(p)]
+    if not sharded:
+        return Topology("none", rank, world, backend, ranks)
+    if len(sharded) != len(params):
+        raise ValueError(
+            f"{len(params) - len(sharded)} trainable parameters are plain tensors while the rest "
+            "are DTensors: apply fully_shard to the root module too (fully_shard(model)), so "
+            "every parameter is sharded"
+        )
+    mesh = sharded[0].device_mesh
+    for p in sharded:
+        if p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
+            raise ValueError(
+                "gradwatch supports FSDP2 with parameters sharded on dim 0 over a 1-D device mesh "
+                f"(fully_shard); found placements {tuple(p.placements)} on a "
+                f"{p.device_mesh.ndim}-D mesh. Tensor parallelism, HSDP and other DTensor "
+                "layouts are not supported yet"
+            )
+    if mesh.size() != world:
+        raise ValueError(
+            f"the FSDP2 mesh spans {mesh.size()} of {world} ranks; gradwatch supports a mesh "
+            "over every rank (HSDP and partial meshes are not supported yet)"
+        )
+    return Topology("fsdp2", rank, world, backend, ranks, Reduction(mesh.get_group(), True))
+
+
+def _reject_unsupported(model: nn.Module) -> None:
+    kind = type(model)
+    if kind.__module__.startswith("deepspeed") or kind.__name__ == "DeepSpeedEngine":
+        raise ValueError(
+            "DeepSpeed engines are not supported: gradwatch supports DDP and FSDP2 (fully_shard)"
+        )
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:  # pragma: no cover
+        return
+    if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+        raise ValueError(
+            "FSDP1 (FullyShardedDataParallel) is not supported: its flat parameters hide the "
+            "per-tensor gradients. Use FSDP2 (torch.distributed.fsdp.fully_shard) or DDP"
+        )
+
+
+def collective_device(topo: Topology, device: torch.device) -> torch.device:
+    """Where small collective tensors live: the model's device, or the current CUDA device for
+    NCCL when the model sits on the CPU."""
+    if topo.backend == "nccl" and device.type != "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def agree(topo: Topology, fingerprint: str, error: BaseException | None, device) -> None:
+    """Check at `watch()` that every rank set up the same watch, with one collective.
+
+    `fingerprint` describes the schedule, guards and watched names; `error` is what failed on this
+    rank while setting up (e.g. rank 0 could not create the run store). Every rank raises the same
+    error together, so none is left waiting in a later collective.
+    """
+    if not topo.distributed:
+        if error is not None:
+            raise error
+        return
+    code = float(zlib.crc32(fingerprint.encode()))
+    failed = 0.0 if error is None else 1.0
+    values = torch.tensor([failed, code, -code], dtype=torch.float64, device=device)
+    topo.ranks.max(values)
+    if values[0] > 0:
+        messages: list[Any] = [None] * topo.world_size
+        dist.all_gather_object(messages, None if error is None else f"{error}")
+        if error is not None:
+            raise error
+        failed_ranks = [(r, m) for r, m in enumerate(messages) if m is not None]
+        raise RuntimeError(
+            "gw.watch() failed on other ranks: "
+            + "; ".join(f"rank {r}: {m}" for r, m in failed_ranks)
+        )
+    if values[1] != -values[2]:
+        prints: list[Any] = [None] * topo.world_size
+        dist.all_gather_object(prints, fingerprint)
+        differing = [r for r, p in enumerate(prints) if p != prints[0]]
+        raise ValueError(
+            f"gw.watch() was called differently on ranks {differing} than on rank 0 (schedule, "
+            "guards or model): every rank must pass the same every/probe_every/flush_every, the "
+            f"same guards and the same model. Rank 0: {prints[0]}; rank {differing[0]}: "
+            f"{prints[differing[0]]}"
+        )
+
+
+def rank_code(rank: int) -> float:
+    """The value a non-finite flag sends for `rank`: 2^-rank (see `lowest_rank`)."""
+    return math.ldexp(1.0, -min(rank, _MAX_NAMED_RANK))
+
+
+def lowest_rank(codes: Tensor) -> Tensor:
+    """From a sum of 2^-r over the flagging ranks, the lowest such r (NaN where the sum is 0).
+
+    Σ 2^-r lies in [2^-r0, 2^(1-r0)) for r0 the lowest rank, so r0 = ceil(-log2(sum)).
+    """
+    return torch.where(codes > 0, torch.ceil(-torch.log2(codes)), torch.nan)
+
+
+def check_same_block(topo: Topology, rows: int, first_step: int, names: tuple[str, ...], device):
+    """Before a flush's collectives: do all ranks flush the same steps with the same scalar names?
+
+    One MAX all-reduce of a 6-number header. Returns the union of the scalar names over the ranks
+    (in rank order, then first use) when they differ; raises when the steps differ, which would
+    mean ranks left the common schedule (e.g. `Watcher.flush()` called on some ranks only).
+    """
+    code = float(zlib.crc32("\0".join(names).encode()))
+    header = torch.tensor(
+        [rows, first_step, code, -rows, -first_step, -code], dtype=torch.float64, device=device
+    )
+    topo.ranks.max(header)
+    if header[0] != -header[3] or header[1] != -header[4]:
+        raise RuntimeError(
+            f"ranks flushed different steps (this rank: {rows} steps from step {first_step}): "
+            "call Watcher.flush(), log() and close() on every rank alike"
+        )
+    if header[2] == -header[5]:
+        return names
+    every: list[Any] = [None] * topo.world_size
+    dist.all_gather_object(every, list(names))
+    union: dict[str, None] = {}
+    for rank_names in every:
+        union.update(dict.fromkeys(rank_names))
+    return tuple(union)
+
+
+def mean_over_ranks(
+    block: Tensor, names: tuple[str, ...], union: tuple[str, ...], topo: Topology, norms: set[str]
+) -> Tensor:
+    """Per-step scalars [steps, len(names)] of this rank → [steps, len(union)] for the whole run,
+    with one f64 SUM all-reduce.
+
+    A scalar becomes the mean over the ranks that recorded it at that step (NaN where none did):
+    `w.log(loss=...)` on every rank stores the mean loss. Scalars in `norms` are per-shard norm
+    parts (the global gradient norm under fsdp2) and combine as √Σ_r x_r².
+    """
+    steps = block.shape[0]
+    values = torch.full((steps, len(union)), torch.nan, dtype=torch.float64, device=block.device)
+    if names:
+        values[:, [union.index(n) for n in names]] = block.double()
+    squared = [i for i, n in enumerate(union) if n in norms and topo.sharded]
+    if squared:
+        values[:, squared] = values[:, squared].square()
+    recorded = ~torch.isnan(values)
+    packed = torch.stack([torch.where(recorded, values, 0.0), recorded.double()])
+    topo.ranks.sum(packed)
+    total, count = packed
+    combined = torch.where(count > 0, total / count, torch.nan)
+    if squared:
+        combined[:, squared] = torch.where(count[:, squared] > 0, total[:, squared], torch.nan)
+        combined[:, squared] = combined[:, squared].sqrt()
+    return combined.float()
+
+
+def shard_like(param: Tensor, local: Tensor) -> Tensor:
+    """A tensor laid out like `param` from this rank's part: a DTensor for a sharded parameter's
+    same-shaped state (Adam's moments), the local tensor otherwise."""
+    if is_dtensor(param) and local.dim() > 0:
+        return DTensor.from_local(
+            local,
+            param.device_mesh,
+            param.placements,
+            run_check=False,
+            shape=param.shape,
+            stride=param.stride(),
+        )
+    return local

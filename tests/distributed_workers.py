@@ -1,0 +1,194 @@
+"""Training scenarios run by every rank of the multi-process tests (`test_distributed.py`).
+
+`python distributed_workers.py SCENARIO OUT RANK WORLD` joins a gloo process group through a file
+in OUT, runs the scenario and saves what the test checks as OUT/<scenario>-rank<RANK>.json. The
+same model and data functions give the single-process references in the test itself.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import gradwatch as gw
+
+GLOBAL_BATCH = 8
+STEPS = 5
+
+
+def make_model() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3)
+    )
+
+
+def batches(steps: int = STEPS) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(1)
+    return [
+        (
+            torch.randn(GLOBAL_BATCH, 6, generator=generator),
+            torch.randint(0, 3, (GLOBAL_BATCH,), generator=generator),
+        )
+        for _ in range(steps)
+    ]
+
+
+def shard_of_batch(tensor: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    size = tensor.shape[0] // world
+    return tensor[rank * size : (rank + 1) * size]
+
+
+def train(
+    model: nn.Module,
+    run_dir: Path,
+    rank: int = 0,
+    world: int = 1,
+    steps: int = STEPS,
+    guards=(),
+    lr: float = 0.1,
+    poison_input: tuple[int, int] | None = None,
+    poison_grad: tuple[int, int] | None = None,
+    spike_at: int | None = None,
+) -> gw.Watcher:
+    """Train `model` on this rank's part of the global batches under gw.watch and close it.
+
+    poison_input / poison_grad = (step, rank): that rank's input, or its gradient of the first
+    layer's weight (its shard, under FSDP2), gets a NaN at that step. spike_at multiplies the loss
+    by 50 at that step on every rank (a gradient spike for the clipping guards).
+    """
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    with gw.watch(
+        model, optimizer, run_dir=run_dir, probe_every=2, flush_every=3, guards=list(guards)
+    ) as w:
+        for step, (x, y) in enumerate(batches(steps)):
+            x, y = shard_of_batch(x, rank, world), shard_of_batch(y, rank, world)
+            if poison_input == (step, rank):
+                x = x.clone()
+                x[0, 0] = float("nan")
+            loss = nn.functional.cross_entropy(model(x), y)
+            if step == spike_at:
+                loss = loss * 50
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if poison_grad == (step, rank):
+                grad = first_weight(model).grad
+                grad = grad.to_local() if hasattr(grad, "to_local") else grad
+                grad[0, 0] = float("nan")
+            optimizer.step()
+            w.log(loss=loss)
+    return w
+
+
+def first_weight(model: nn.Module) -> nn.Parameter:
+    inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    return inner[0].weight
+
+
+def full_parameters(model: nn.Module) -> dict[str, list]:
+    """Every parameter as a full tensor (a collective under FSDP2), as nested lists."""
+    inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    out = {}
+    for name, p in inner.named_parameters():
+        full = p.full_tensor() if hasattr(p, "full_tensor") else p
+        out[name] = full.detach().tolist()
+    return out
+
+
+def hook_count(model: nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def fsdp2(reshard_after_forward: bool = True) -> nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    model = make_model()
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, reshard_after_forward=reshard_after_forward)
+    return model
+
+
+def ddp() -> nn.Module:
+    return nn.parallel.DistributedDataParallel(make_model())
+
+
+def scenario_ddp(out: Path, rank: int, world: int) -> dict:
+    """Statistics run (rank 1 passes another run_dir: it must create nothing), NaN in rank 1's
+    input, and a NaN in rank 1's gradient only, under SkipNonFinite."""
+    model = ddp()
+    hooks_before = hook_count(model)
+    train(model, out / f"ddp-rank{rank}", rank, world)
+    result = {"hooks_left": hook_count(model) - hooks_before}
+    result["own_dir_exists"] = (out / f"ddp-rank{rank}").exists()
+    w = train(ddp(), out / "ddp-nan-input", rank, world, poison_input=(2, 1))
+    result["findings"] = [(f.kind, f.layer, f.step, f.evidence) for f in w.findings()]
+    skipped = ddp()
+    train(skipped, out / "ddp-skip", rank, world, guards=[gw.guards.SkipNonFinite()],
+          poison_grad=(2, 1))  # fmt: skip
+    result["skip_params"] = full_parameters(skipped)
+    return result
+
+
+def scenario_fsdp2(out: Path, rank: int, world: int) -> dict:
+    """Statistics runs with reshard_after_forward True and False, clipping guards, and a NaN in
+    rank 1's gradient shard only, under SkipNonFinite."""
+    result = {}
+    for reshard in (True, False):
+        model = fsdp2(reshard)
+        hooks_before = hook_count(model)
+        train(model, out / f"fsdp2-reshard{reshard}", rank, world)
+        result[f"hooks_left_{reshard}"] = hook_count(model) - hooks_before
+    clipped = fsdp2()
+    train(clipped, out / "fsdp2-clip", rank, world, steps=8, lr=0.5, spike_at=6,
+          guards=[gw.guards.ZClip(warmup=3), gw.guards.ClipNorm(0.5)])  # fmt: skip
+    result["clip_params"] = full_parameters(clipped)
+    skipped = fsdp2()
+    w = train(skipped, out / "fsdp2-skip", rank, world, guards=[gw.guards.SkipNonFinite()],
+              poison_grad=(2, 1))  # fmt: skip
+    result["skip_params"] = full_parameters(skipped)
+    result["skip_findings"] = [(f.kind, f.layer, f.step) for f in w.findings()]
+    return result
+
+
+def scenario_bad_setup(out: Path, rank: int, world: int) -> dict:
+    """Ranks that disagree on the schedule; a run_dir that already holds a run on rank 0."""
+    errors = {}
+    try:
+        gw.watch(ddp(), None, run_dir=out / "mismatch", probe_every=10 if rank == 0 else 5)
+    except ValueError as exc:
+        errors["mismatch"] = str(exc)
+    (out / "taken").mkdir(exist_ok=True)
+    if rank == 0:
+        (out / "taken" / "run.sqlite").write_bytes(b"")
+    dist.barrier()
+    try:
+        gw.watch(ddp(), None, run_dir=out / "taken")
+    except (FileExistsError, RuntimeError) as exc:
+        errors["taken"] = f"{type(exc).__name__}: {exc}"
+    return errors
+
+
+SCENARIOS = {"ddp": scenario_ddp, "fsdp2": scenario_fsdp2, "bad_setup": scenario_bad_setup}
+
+
+def main() -> None:
+    scenario, out, rank, world = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+    dist.init_process_group(
+        "gloo", init_method=f"file://{out / 'rendezvous'}", rank=rank, world_size=world
+    )
+    try:
+        result = SCENARIOS[scenario](out, rank, world)
+        (out / f"{scenario}-rank{rank}.json").write_text(json.dumps(result))
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,215 @@
+"""Distributed training (gloo, 2 processes on the CPU): rank 0's store holds the statistics of the
+whole model and the global batch, guards keep the ranks in step, only rank 0 writes.
+
+Each scenario of `distributed_workers.py` runs once per module in 2 real processes, under a hard
+timeout; the references are single-process runs on the concatenated global batch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from distributed_workers import full_parameters, make_model, train
+
+import gradwatch as gw
+
+pytestmark = pytest.mark.skipif(
+    not torch.distributed.is_available(), reason="torch built without distributed support"
+)
+WORKERS = Path(__file__).with_name("distributed_workers.py")
+WORLD = 2
+TIMEOUT_S = 240
+COMPARED = (
+    "grad_norm",
+    "grad_max",
+    "grad_nonfinite",
+    "param_norm",
+    "update_ratio",
+    "global_grad_norm",
+    "loss",
+    "signal_norm",
+    "act_mean",
+    "act_std",
+    "dead_frac",
+    "saturated_frac",
+    "act_nonfinite",
+)
+
+
+def launch(scenario: str, out: Path) -> list[dict]:
+    """Run `scenario` on WORLD ranks; kill them all if any is still running after TIMEOUT_S."""
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    logs = [out / f"{scenario}-rank{r}.log" for r in range(WORLD)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(WORKERS), scenario, str(out), str(r), str(WORLD)],
+            stdout=log.open("w"),
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,  # its own process group: killed whole on a hang
+        )
+        for r, log in enumerate(logs)
+    ]
+    try:
+        for proc in procs:
+            proc.wait(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        pytest.fail(
+            f"{scenario}: ranks still running after {TIMEOUT_S} s (a hang?)\n" + _tails(logs)
+        )
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    if any(proc.returncode != 0 for proc in procs):
+        pytest.fail(f"{scenario}: a rank failed\n" + _tails(logs))
+    return [json.loads((out / f"{scenario}-rank{r}.json").read_text()) for r in range(WORLD)]
+
+
+def _tails(logs: list[Path]) -> str:
+    return "\n".join(f"--- {log.name}\n{log.read_text()[-3000:]}" for log in logs)
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    return out, launch("ddp", out)
+
+
+@pytest.fixture(scope="module")
+def fsdp2_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp2")
+    return out, launch("fsdp2", out)
+
+
+@pytest.fixture(scope="module")
+def single_process(tmp_path_factory) -> gw.Run:
+    """The reference: one process trains on the concatenated global batches."""
+    run_dir = tmp_path_factory.mktemp("single") / "run"
+    train(make_model(), run_dir)
+    return gw.open_run(run_dir)
+
+
+def assert_same_statistics(run: gw.Run, reference: gw.Run) -> None:
+    assert run.tensors == reference.tensors  # the user's names: no "module." prefix
+    assert run.modules == reference.modules
+    np.testing.assert_array_equal(run.steps, reference.steps)
+    for name in COMPARED:
+        np.testing.assert_allclose(
+            run.series(name), reference.series(name), rtol=1e-5, atol=1e-7, err_msg=name
+        )
+
+
+def test_ddp_store_holds_whole_model_and_global_batch_statistics(ddp_run, single_process):
+    out, _ = ddp_run
+    run = gw.open_run(out / "ddp-rank0")
+    assert_same_statistics(run, single_process)
+    assert run.meta["distributed"] == {
+        "strategy": "ddp",
+        "world_size": 2,
+        "backend": "gloo",
+        "writer_rank": 0,
+    }
+    # Probe steps carry module statistics of the global batch, not rank 0's half.
+    assert np.isfinite(run.series("signal_norm")[run.steps % 2 == 0]).all()
+
+
+def test_ddp_only_rank_0_writes_and_every_hook_is_removed(ddp_run):
+    _, results = ddp_run
+    assert [r["own_dir_exists"] for r in results] == [True, False]
+    assert [r["hooks_left"] for r in results] == [0, 0]
+
+
+def test_ddp_nan_in_one_ranks_input_names_module_step_and_rank(ddp_run):
+    out, results = ddp_run
+    kinds = [(kind, layer, step) for kind, layer, step, _ in results[0]["findings"]]
+    assert kinds == [("nonfinite", "0", 2)]
+    evidence = results[0]["findings"][0][3]
+    assert evidence["rank"] == 1 and evidence["direction"] == "forward"
+    (finding,) = gw.open_run(out / "ddp-nan-input").findings
+    assert "on rank 1" in finding.message and "batch" in finding.message
+    assert results[1]["findings"] == []  # findings live on rank 0, which writes the store
+
+
+def test_ddp_nan_in_one_ranks_gradient_skips_on_every_rank(ddp_run, tmp_path):
+    out, results = ddp_run
+    assert results[0]["skip_params"] == results[1]["skip_params"]
+    reference = make_model()
+    train(reference, tmp_path / "ref", guards=[gw.guards.SkipNonFinite()], poison_grad=(2, 0))
+    _assert_parameters_equal(results[0]["skip_params"], full_parameters(reference))
+    (event,) = gw.open_run(out / "ddp-skip").events
+    assert (event.kind, event.step) == ("skip", 2)
+
+
+@pytest.mark.parametrize("reshard", [True, False])
+def test_fsdp2_store_holds_whole_tensor_statistics(fsdp2_run, single_process, reshard):
+    out, results = fsdp2_run
+    run = gw.open_run(out / f"fsdp2-reshard{reshard}")
+    assert_same_statistics(run, single_process)
+    assert run.meta["distributed"]["strategy"] == "fsdp2"
+    assert run.meta["model"]["class"] == "Sequential"  # the user's class, not FSDPSequential
+    assert run.module_types == single_process.module_types
+    assert [r[f"hooks_left_{reshard}"] for r in results] == [0, 0]
+
+
+def test_fsdp2_clipping_guards_give_the_single_process_parameters(fsdp2_run, tmp_path):
+    out, results = fsdp2_run
+    guards = [gw.guards.ZClip(warmup=3), gw.guards.ClipNorm(0.5)]
+    reference = make_model()
+    train(reference, tmp_path / "ref", steps=8, lr=0.5, spike_at=6, guards=guards)
+    _assert_parameters_equal(results[0]["clip_params"], full_parameters(reference))
+    clipped = {e.step for e in gw.open_run(out / "fsdp2-clip").events if e.kind == "clip"}
+    assert clipped == {e.step for e in gw.open_run(tmp_path / "ref").events if e.kind == "clip"}
+    assert 6 in clipped  # the spike was clipped, on both ranks alike
+
+
+def test_fsdp2_nan_in_one_ranks_shard_skips_on_every_rank(fsdp2_run, tmp_path):
+    out, results = fsdp2_run
+    assert results[0]["skip_params"] == results[1]["skip_params"]
+    reference = make_model()
+    train(reference, tmp_path / "ref", guards=[gw.guards.SkipNonFinite()], poison_grad=(2, 0))
+    _assert_parameters_equal(results[0]["skip_params"], full_parameters(reference))
+    assert all(np.isfinite(np.asarray(p)).all() for p in results[1]["skip_params"].values())
+    events = gw.open_run(out / "fsdp2-skip").events
+    assert [(e.kind, e.step) for e in events] == [("skip", 2)]
+
+
+def test_ranks_that_disagree_fail_at_watch_on_every_rank(tmp_path):
+    results = launch("bad_setup", tmp_path)
+    for r in results:
+        assert "called differently on ranks [1]" in r["mismatch"]
+    assert results[0]["taken"].startswith("FileExistsError: run_dir")
+    assert results[1]["taken"].startswith("RuntimeError: gw.watch() failed on other ranks: rank 0")
+
+
+def test_report_summary_and_export_show_world_size_and_strategy(ddp_run, tmp_path, capsys):
+    out, _ = ddp_run
+    page = gw.report(out / "ddp-rank0", tmp_path / "report.html").read_text()
+    assert "2 ranks (ddp, gloo)" in page
+    from gradwatch.report.summary import print_summary
+
+    print_summary(out / "ddp-rank0")
+    assert "2 ranks (ddp, gloo)" in capsys.readouterr().out
+    pytest.importorskip("tensorboard")
+    from test_report import read_tensorboard
+
+    gw.sinks.export_tensorboard(out / "ddp-rank0", tmp_path / "tb")
+    events = read_tensorboard(tmp_path / "tb")
+    (text,) = events.Tensors("run/text_summary")
+    assert "2 ranks (ddp, gloo)" in text.tensor_proto.string_val[0].decode()
+
+
+def _assert_parameters_equal(got: dict, expected: dict) -> None:
+    assert got.keys() == expected.keys()
+    for name in got:
+        np.testing.assert_allclose(got[name], expected[name], rtol=1e-5, atol=1e-6, err_msg=name)
