@@ -7,6 +7,7 @@ same model and data functions give the single-process references in the test its
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -55,12 +56,15 @@ def train(
     poison_input: tuple[int, int] | None = None,
     poison_grad: tuple[int, int] | None = None,
     spike_at: int | None = None,
+    micro_batches: int = 1,
 ) -> gw.Watcher:
     """Train `model` on this rank's part of the global batches under gw.watch and close it.
 
     poison_input / poison_grad = (step, rank): that rank's input, or its gradient of the first
     layer's weight (its shard, under FSDP2), gets a NaN at that step. spike_at multiplies the loss
-    by 50 at that step on every rank (a gradient spike for the clipping guards).
+    by 50 at that step on every rank (a gradient spike for the clipping guards). micro_batches > 1
+    accumulates gradients over that many parts of the rank's batch (DDP: under no_sync but the
+    last), each loss divided by their number.
     """
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     with gw.watch(
@@ -71,17 +75,31 @@ def train(
             if poison_input == (step, rank):
                 x = x.clone()
                 x[0, 0] = float("nan")
-            loss = nn.functional.cross_entropy(model(x), y)
-            if step == spike_at:
-                loss = loss * 50
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            total = 0.0
+            for part in range(micro_batches):
+                last = part == micro_batches - 1
+                syncing = (
+                    model.no_sync()
+                    if isinstance(model, nn.parallel.DistributedDataParallel) and not last
+                    else contextlib.nullcontext()
+                )
+                with syncing:
+                    xs, ys = (
+                        shard_of_batch(x, part, micro_batches),
+                        shard_of_batch(y, part, micro_batches),
+                    )
+                    loss = nn.functional.cross_entropy(model(xs), ys) / micro_batches
+                    if step == spike_at:
+                        loss = loss * 50
+                    loss.backward()
+                    total = total + loss.detach()
             if poison_grad == (step, rank):
                 grad = first_weight(model).grad
                 grad = grad.to_local() if hasattr(grad, "to_local") else grad
                 grad[0, 0] = float("nan")
             optimizer.step()
-            w.log(loss=loss)
+            w.log(loss=total)
     return w
 
 
@@ -133,6 +151,9 @@ def scenario_ddp(out: Path, rank: int, world: int) -> dict:
     train(skipped, out / "ddp-skip", rank, world, guards=[gw.guards.SkipNonFinite()],
           poison_grad=(2, 1))  # fmt: skip
     result["skip_params"] = full_parameters(skipped)
+    accumulated = ddp()
+    w = train(accumulated, out / "ddp-accumulate", rank, world, micro_batches=2)
+    result["accumulate_steps"] = w.step_count
     return result
 
 
@@ -154,6 +175,10 @@ def scenario_fsdp2(out: Path, rank: int, world: int) -> dict:
               poison_grad=(2, 1))  # fmt: skip
     result["skip_params"] = full_parameters(skipped)
     result["skip_findings"] = [(f.kind, f.layer, f.step) for f in w.findings()]
+    rolled_back = fsdp2()
+    train(rolled_back, out / "fsdp2-rollback", rank, world, steps=6,
+          guards=[gw.guards.Rollback(every=2)], poison_grad=(3, 1))  # fmt: skip
+    result["rollback_params"] = full_parameters(rolled_back)
     return result
 
 

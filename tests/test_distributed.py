@@ -151,6 +151,13 @@ def test_ddp_nan_in_one_ranks_gradient_skips_on_every_rank(ddp_run, tmp_path):
     assert (event.kind, event.step) == ("skip", 2)
 
 
+def test_ddp_gradient_accumulation_with_no_sync_counts_optimizer_steps(ddp_run, single_process):
+    out, results = ddp_run
+    assert [r["accumulate_steps"] for r in results] == [5, 5]
+    # Two micro-batches per rank pool into the statistics of the whole global batch.
+    assert_same_statistics(gw.open_run(out / "ddp-accumulate"), single_process)
+
+
 @pytest.mark.parametrize("reshard", [True, False])
 def test_fsdp2_store_holds_whole_tensor_statistics(fsdp2_run, single_process, reshard):
     out, results = fsdp2_run
@@ -182,6 +189,17 @@ def test_fsdp2_nan_in_one_ranks_shard_skips_on_every_rank(fsdp2_run, tmp_path):
     assert all(np.isfinite(np.asarray(p)).all() for p in results[1]["skip_params"].values())
     events = gw.open_run(out / "fsdp2-skip").events
     assert [(e.kind, e.step) for e in events] == [("skip", 2)]
+
+
+def test_fsdp2_rollback_restores_every_ranks_shards_together(fsdp2_run, tmp_path):
+    out, results = fsdp2_run
+    assert results[0]["rollback_params"] == results[1]["rollback_params"]
+    reference = make_model()
+    train(reference, tmp_path / "ref", steps=6, guards=[gw.guards.Rollback(every=2)],
+          poison_grad=(3, 0))  # fmt: skip
+    _assert_parameters_equal(results[0]["rollback_params"], full_parameters(reference))
+    (event,) = gw.open_run(out / "fsdp2-rollback").events
+    assert (event.kind, event.step, event.detail["restored_step"]) == ("rollback", 3, 2)
 
 
 def test_ranks_that_disagree_fail_at_watch_on_every_rank(tmp_path):
