@@ -1,8 +1,8 @@
 """Step-time overhead of gradwatch under DDP and FSDP2: 2 processes, gloo, on the CPU.
 
 Every rank trains the same workload (its own batch of the usual size) wrapped in DDP, or with
-`fully_shard` on each transformer layer, each other Linear/Conv and the root; variants run interleaved in the same
-order on every rank (their order rotates each round), as in `overhead.py`. The floor is one
+`fully_shard` on each transformer layer, each other Linear/Conv and the root; variants run
+interleaved in the same order on every rank (their order rotates each round), as in `overhead.py`. The floor is one
 `torch._foreach_norm` over this rank's gradients (its shards under FSDP2). Rank 0 prints the table
 and writes it to results/distributed-cpu.md.
 
@@ -101,8 +101,8 @@ def rank_main(args: argparse.Namespace) -> None:
         f" --strategies {' '.join(args.strategies)} --workloads {' '.join(args.workloads)}`. "
         "Rank 0's medians of per-step times over interleaved rounds; each rank trains on its own "
         "batch of the workload's size. DDP wraps the model; FSDP2 applies fully_shard to each "
-        "transformer layer, each other Linear/Conv and the root. The floor reads this rank's gradients once "
-        "(its shards under FSDP2). Allocator thresholds fixed as in overhead.py."
+        "transformer layer, each other Linear/Conv and the root. The floor reads this rank's "
+        "gradients once (its shards under FSDP2). Allocator thresholds fixed as in overhead.py."
     )
     table = format_table(results, header)
     print(table)
