@@ -2,9 +2,9 @@
 
 Every rank trains the same workload (its own batch of the usual size) wrapped in DDP, or with
 `fully_shard` on each transformer layer, each other Linear/Conv and the root; variants run
-interleaved in the same order on every rank (their order rotates each round), as in `overhead.py`. The floor is one
-`torch._foreach_norm` over this rank's gradients (its shards under FSDP2). Rank 0 prints the table
-and writes it to results/distributed-cpu.md.
+interleaved in the same order on every rank (their order rotates each round), as in
+`overhead.py`. The floor is one `torch._foreach_norm` over this rank's gradients (its shards under
+FSDP2). Rank 0 prints the table and writes it to results/distributed-cpu.md.
 
     python benchmarks/distributed.py                       # both strategies, all workloads
     python benchmarks/distributed.py --strategies fsdp2 --workloads mlp --rounds 2
