@@ -137,11 +137,23 @@ def module_class(module: nn.Module) -> type[nn.Module]:
     return kind
 
 
+def wrappers(model: nn.Module) -> list[nn.Module]:
+    """The model and the modules it wraps: DDP's `.module` and `torch.compile`'s `_orig_mod`, in
+    any order, down to the user's own module (the last)."""
+    chain = [model]
+    while True:
+        if _AVAILABLE and isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return chain
+        chain.append(model)
+
+
 def unwrap(model: nn.Module) -> nn.Module:
-    """The module to watch: DDP's `.module`, else the model itself."""
-    if _AVAILABLE and isinstance(model, nn.parallel.DistributedDataParallel):
-        return model.module
-    return model
+    """The module to watch, so that names are the user's own (no `module.` or `_orig_mod.`)."""
+    return wrappers(model)[-1]
 
 
 def topology(model: nn.Module) -> Topology:
@@ -157,7 +169,7 @@ def topology(model: nn.Module) -> Topology:
         return Topology()
     rank, world, backend = dist.get_rank(), dist.get_world_size(), dist.get_backend()
     ranks = Reduction(None, world > 1)
-    if isinstance(model, nn.parallel.DistributedDataParallel):
+    if any(isinstance(m, nn.parallel.DistributedDataParallel) for m in wrappers(model)):
         return Topology("ddp", rank, world, backend, ranks)
     params = [p for p in model.parameters() if p.requires_grad]
     sharded = [p for p in params if is_dtensor(p)]

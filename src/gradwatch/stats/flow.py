@@ -155,6 +155,25 @@ def first_tensor(output: Any) -> Tensor | None:
     return None
 
 
+def eager_unless_traced(hook: Callable[..., None]) -> Callable[..., None]:
+    """Keep torch.compile from compiling `hook` (and what it calls) as a frame of its own.
+
+    Inside a compiled forward, dynamo inlines a module's forward hooks into the graph, as it should.
+    But where a forward runs eagerly under compile (`model.compile()` on torch.nn modules that
+    dynamo leaves alone), dynamo would compile each hook call as a separate frame, once per
+    closure and per state of the probes, until it hits its recompile limit. Marking the code
+    "skip, recursively" (its exec strategy; inlining ignores it) runs such calls eagerly.
+    torch versions without this API compile them as before.
+    """
+    try:
+        from torch._dynamo.eval_frame import set_code_exec_strategy
+        from torch._dynamo.types import FrameAction, FrameExecStrategy
+    except ImportError:  # pragma: no cover - older torch
+        return hook
+    set_code_exec_strategy(hook.__code__, FrameExecStrategy(FrameAction.SKIP, FrameAction.SKIP))
+    return hook
+
+
 class ModuleProbes:
     """Forward hooks on the probed modules that collect one step's module statistics.
 
@@ -228,6 +247,7 @@ class ModuleProbes:
         flagged_every_step = self._flagged_every_step[column]
         bounds = self._bounds[column]
 
+        @eager_unless_traced
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             if not torch.is_grad_enabled():
                 return
