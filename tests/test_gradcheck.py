@@ -127,23 +127,96 @@ def test_correct_models_pass_with_no_culprit(name):
     assert sum(r.status == "ok" for r in report.rows) > len(report.rows) / 2
 
 
-def test_gpt2_with_a_small_random_config_passes():
+def hugging_face_model(family: str) -> nn.Module:
+    """A tiny random-init model of `family` with its default config otherwise (use_cache=True for
+    the decoders, BERT's padding_idx=0), in train mode; no download."""
     transformers = pytest.importorskip("transformers")
-    config = transformers.GPT2Config(
-        vocab_size=100,
-        n_positions=32,
-        n_embd=32,
-        n_layer=2,
-        n_head=2,
-        use_cache=False,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
     torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(config).train()
-    report = gw.gradcheck(model, torch.randint(0, 100, (2, 16)))
+    tiny = {"vocab_size": 100, "max_position_embeddings": 32}
+    if family == "gpt2":
+        config = transformers.GPT2Config(
+            vocab_size=100, n_positions=32, n_embd=32, n_layer=2, n_head=2,
+            bos_token_id=0, eos_token_id=0,
+        )  # fmt: skip
+        model = transformers.GPT2LMHeadModel(config)
+    elif family == "llama":
+        config = transformers.LlamaConfig(
+            **tiny, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2,
+        )  # fmt: skip
+        model = transformers.LlamaForCausalLM(config)
+    else:
+        config = transformers.BertConfig(
+            **tiny, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+            intermediate_size=64,
+        )  # fmt: skip
+        model = transformers.BertForMaskedLM(config)
+    return model.train()
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "bert"])
+def test_hugging_face_models_with_default_configs_and_pad_tokens_pass(family):
+    model = hugging_face_model(family)
+    if family != "gpt2":
+        assert model.config.use_cache is not False or family == "bert"
+    ids = torch.tensor([[5, 7, 9, 0, 0], [3, 2, 8, 4, 0]])  # 0 is the pad token
+    inputs = (ids,) if family == "gpt2" else (ids, (ids != 0).long())
+    report = gw.gradcheck(model, inputs)
     assert report.ok, str(report)
-    assert len(report.rows) > 50
+    assert report.culprits == []
+    assert sum(r.status == "ok" for r in report.rows) > 10
+    if family == "bert":  # the padding row of the word embeddings is left out, and said so
+        assert any("word_embeddings.weight: row 0 (padding_idx)" in n for n in report.notes)
+        (row,) = [r for r in report.rows if r.name == "bert.embeddings.word_embeddings.weight"]
+        assert row.status == "ok"
+
+
+def test_a_model_that_keeps_a_tensor_with_graph_is_copied_and_checked():
+    class Remembers(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = nn.Linear(4, 3)
+            self.last_output = None
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.last_output = self.layer(x)  # keeps the graph of the last forward
+            return self.last_output
+
+    model = Remembers()
+    model(torch.randn(2, 4))
+    assert model.last_output.grad_fn is not None
+    report = gw.gradcheck(model, torch.randn(2, 4))
+    assert report.ok and report.culprits == []
+    assert model.last_output.dtype == torch.float32  # the user's model is untouched
+
+
+def test_a_module_that_cannot_be_rerun_is_inconclusive_with_the_reason():
+    class NeedsParent(nn.Module):
+        active = False
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if not self.active:
+                raise RuntimeError("called outside its parent")
+            return x * 2
+
+    class Parent(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = NeedsParent()
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.inner.active = True
+            try:
+                return self.head(self.inner(x))
+            finally:
+                self.inner.active = False
+
+    report = gw.gradcheck(Parent(), torch.randn(3, 4))
+    assert report.ok and report.culprits == []
+    (row,) = [r for r in report.rows if r.name == "inner"]
+    assert row.status == "inconclusive"
+    assert "could not re-run it" in row.reason and "called outside its parent" in row.reason
 
 
 def test_relu_at_its_kinks_is_inconclusive_not_a_mismatch():

@@ -11,6 +11,13 @@ same masks in every evaluation and train-mode models check correctly.
   keyword, tuples): for random u over its floating inputs and its parameters, and random g over its
   outputs, <VJP_m(g), u> from autograd against <g, m(x + εu) − m(x − εu)> / 2ε.
 
+Semantics the check respects: an `nn.Embedding`/`nn.EmbeddingBag` row at `padding_idx` gets no
+gradient by design, so directions leave it out (and the report notes it). Inputs a module received
+are kept as detached snapshots (tensors inside caches and other objects too), and every evaluation
+gets a fresh copy, so state that a forward appends to (a Hugging Face KV cache) starts each
+evaluation as it was in the model's forward. A row that cannot be evaluated is `inconclusive`
+with the reason: `gradcheck` raises only for bad arguments or a model whose forward fails.
+
 Rows disagreeing beyond tolerance are `mismatch`; the culprits are the innermost modules with a
 mismatch (a module whose children all agree but which disagrees holds the wrong backward itself).
 A disagreeing row is `inconclusive`, never `mismatch`, when the difference is dominated by rounding
@@ -205,9 +212,80 @@ def _compare(
     return row("mismatch", f"autograd {analytic:.6g} vs finite difference {numeric:.6g}")
 
 
-def _unit(like: Tensor, generator: torch.Generator) -> Tensor:
+def _unit(like: Tensor, generator: torch.Generator, frozen_rows: int | None = None) -> Tensor:
+    """A random unit direction shaped like `like`; row `frozen_rows` (a padding row) stays 0."""
     v = torch.randn(like.shape, generator=generator, dtype=torch.float64).to(like.device)
+    if frozen_rows is not None:
+        v[frozen_rows] = 0.0
     return v / v.norm().clamp_min(1e-300)
+
+
+def _padding_rows(model: nn.Module) -> dict[int, int]:
+    """id(weight) -> padding_idx of the embeddings whose padding row gets no gradient."""
+    return {
+        id(m.weight): m.padding_idx
+        for m in model.modules()
+        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.padding_idx is not None
+    }
+
+
+def _snapshot(obj: Any, memo: dict[int, Any] | None = None) -> Any:
+    """A copy of an argument structure with every tensor detached and cloned, also inside other
+    objects (a KV cache); modules, functions and immutable values are shared, not copied."""
+    memo = {} if memo is None else memo
+    if id(obj) in memo:
+        return memo[id(obj)]
+    if isinstance(obj, Tensor):
+        copied = obj.detach().clone()
+    elif obj is None or isinstance(obj, (str, bytes, int, float, complex, bool, torch.dtype,
+                                         torch.device, type, nn.Module)) or callable(obj):  # fmt: skip
+        return obj
+    elif isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
+        copied = type(obj)(*(_snapshot(v, memo) for v in obj))
+    elif isinstance(obj, (list, tuple)):
+        copied = type(obj)(_snapshot(v, memo) for v in obj)
+    elif isinstance(obj, dict):
+        copied = copy.copy(obj)
+        for key, value in obj.items():
+            copied[key] = _snapshot(value, memo)
+    else:
+        try:
+            copied = copy.copy(obj)
+            for key, value in vars(obj).items():
+                setattr(copied, key, _snapshot(value, memo))
+        except (TypeError, AttributeError, copy.Error):
+            return obj  # an object that cannot be copied is shared as it is
+    memo[id(obj)] = copied
+    return copied
+
+
+def _copy_model(model: nn.Module) -> nn.Module:
+    """A deep copy; tensors with a graph kept in a module's attributes (from an earlier forward)
+    are copied detached, since deepcopy cannot copy them."""
+    memo: dict[int, Any] = {}
+    for module in model.modules():
+        for value in vars(module).values():
+            for t in _tensors_in(value):
+                if t.grad_fn is not None:
+                    memo[id(t)] = t.detach().clone()
+    try:
+        return copy.deepcopy(model, memo)
+    except Exception as exc:
+        raise TypeError(
+            f"gradcheck works on a deep copy of the model (so yours stays as it is) and could not "
+            f"copy this {type(model).__name__}: {exc}"
+        ) from exc
+
+
+def _tensors_in(obj: Any, depth: int = 0) -> Iterator[Tensor]:
+    if isinstance(obj, Tensor):
+        yield obj
+    elif depth < 3 and isinstance(obj, (list, tuple)):
+        for value in obj:
+            yield from _tensors_in(value, depth + 1)
+    elif depth < 3 and isinstance(obj, dict):
+        for value in obj.values():
+            yield from _tensors_in(value, depth + 1)
 
 
 def _projection_loss(output: Any, seed: int) -> Tensor:
@@ -256,7 +334,7 @@ def gradcheck(
         raise TypeError("inputs must be a tensor or a tuple of model arguments")
     eps = 1e-6 if eps is None else float(eps)
     loss_of = loss_fn or (lambda out: _projection_loss(out, seed))
-    checked = copy.deepcopy(model).double()
+    checked = _copy_model(model).double()
     for p in checked.parameters():
         p.grad = None
     args = _map_floating(args, lambda t: t.detach().to(torch.float64))
@@ -283,14 +361,23 @@ def gradcheck(
         raise ValueError(f"loss_fn must return a scalar, got shape {tuple(base.shape)}")
     named = [(n, p) for n, p in checked.named_parameters() if p.requires_grad]
     grads = torch.autograd.grad(base, [p for _, p in named], allow_unused=True)
-    rows = _parameter_rows(named, grads, loss, float(base.detach()), seed, eps, rtol, atol)
+    padding = _padding_rows(checked)
+    rows = _parameter_rows(named, grads, loss, float(base.detach()), seed, eps, rtol, atol, padding)
     notes = [
         f"{n} gets no gradient (unused in the forward pass)"
         for (n, _), g in zip(named, grads, strict=True)
         if g is None
     ]
+    notes += [
+        f"{n}: row {padding[id(p)]} (padding_idx) is left out of the directions, it gets no "
+        "gradient by design"
+        for n, p in named
+        if id(p) in padding
+    ]
     rows += [
-        _module_row(name, module, captured[name], evaluate, seed + 1000 + i, eps, rtol, atol)
+        _checked_module_row(
+            name, module, captured[name], evaluate, seed + 1000 + i, eps, rtol, atol, padding
+        )
         for i, (name, module) in enumerate(checked.named_modules())
         if name in captured
     ]
@@ -301,19 +388,18 @@ def gradcheck(
 def _capture(name: str, captured: dict) -> Callable[..., None]:
     def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if name not in captured:  # a module called twice is checked on its first call
-            clone = lambda t: t.detach().clone()  # noqa: E731
-            captured[name] = (_map_floating(args, clone), _map_floating(kwargs, clone))
+            captured[name] = _snapshot((args, kwargs))
 
     return hook
 
 
-def _parameter_rows(named, grads, loss, base, seed, eps, rtol, atol) -> list[GradcheckRow]:
+def _parameter_rows(named, grads, loss, base, seed, eps, rtol, atol, padding) -> list[GradcheckRow]:
     generator = torch.Generator().manual_seed(seed + 2)
     rows = []
     for (name, p), grad in zip(named, grads, strict=True):
         if grad is None:
             continue
-        v = _unit(p, generator)
+        v = _unit(p, generator, padding.get(id(p)))
 
         def shifted(step: float, p: Tensor = p, v: Tensor = v) -> tuple[float, float, float]:
             values = []
@@ -343,29 +429,49 @@ def _parameter_rows(named, grads, loss, base, seed, eps, rtol, atol) -> list[Gra
     return rows
 
 
-def _module_row(name, module, captured, evaluate, seed, eps, rtol, atol) -> GradcheckRow | None:
-    args, kwargs = captured
-    inputs = list(_floating_tensors((args, kwargs)))
+def _checked_module_row(name, module, captured, *rest) -> GradcheckRow | None:
+    """`_module_row`, or an inconclusive row saying why the module could not be re-run."""
+    try:
+        return _module_row(name, module, captured, *rest)
+    except Exception as exc:
+        return GradcheckRow(
+            name,
+            "module",
+            "inconclusive",
+            math.nan,
+            math.nan,
+            math.nan,
+            f"could not re-run it on the inputs it received: {type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:200] if str(exc) else ''}",
+        )
+
+
+def _module_row(
+    name, module, captured, evaluate, seed, eps, rtol, atol, padding
+) -> GradcheckRow | None:
+    inputs = list(_floating_tensors(captured))
     params = [p for p in module.parameters() if p.requires_grad]
     if not inputs and not params:
         return None
     generator = torch.Generator().manual_seed(seed)
     # Perturb only finite entries: masks with -inf stay as they are.
     directions = [_unit(t, generator) * torch.isfinite(t) for t in inputs]
-    param_directions = [_unit(p, generator) for p in params]
+    param_directions = [_unit(p, generator, padding.get(id(p))) for p in params]
+
+    def call(values: list[Tensor]) -> Any:
+        """The module on a fresh copy of its captured inputs, floating ones replaced."""
+        feed = iter(values)
+        args, kwargs = _map_floating(_snapshot(captured), lambda t: next(feed))
+        return module(*args, **kwargs)
 
     def run(shift: float) -> Any:
-        moved = iter([t + shift * d for t, d in zip(inputs, directions, strict=True)])
-        new_args, new_kwargs = _map_floating((args, kwargs), lambda t: next(moved))
-        return module(*new_args, **new_kwargs)
+        return call([t + shift * d for t, d in zip(inputs, directions, strict=True)])
 
     leaves = [t.clone().requires_grad_() for t in inputs]
 
     def run_with_leaves() -> Any:
         # clones of the leaves go in, so in-place modules (ReLU(inplace=True)) are fine
-        feed = iter([leaf.clone() for leaf in leaves])
-        new_args, new_kwargs = _map_floating((args, kwargs), lambda t: next(feed))
-        return module(*new_args, **new_kwargs)
+        return call([leaf.clone() for leaf in leaves])
 
     output = evaluate(run_with_leaves)
     outs = list(_floating_tensors(output))
