@@ -229,6 +229,10 @@ def _padding_rows(model: nn.Module) -> dict[int, int]:
     }
 
 
+# Values a snapshot shares instead of copying: immutable, or not the caller's to copy.
+_SHARED = (str, bytes, int, float, complex, bool, torch.dtype, torch.device, type, nn.Module)
+
+
 def _snapshot(obj: Any, memo: dict[int, Any] | None = None) -> Any:
     """A copy of an argument structure with every tensor detached and cloned, also inside other
     objects (a KV cache); modules, functions and immutable values are shared, not copied."""
@@ -237,8 +241,7 @@ def _snapshot(obj: Any, memo: dict[int, Any] | None = None) -> Any:
         return memo[id(obj)]
     if isinstance(obj, Tensor):
         copied = obj.detach().clone()
-    elif obj is None or isinstance(obj, (str, bytes, int, float, complex, bool, torch.dtype,
-                                         torch.device, type, nn.Module)) or callable(obj):  # fmt: skip
+    elif obj is None or isinstance(obj, _SHARED) or callable(obj):
         return obj
     elif isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
         copied = type(obj)(*(_snapshot(v, memo) for v in obj))
