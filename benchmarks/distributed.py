@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import inspect
 import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -27,7 +26,15 @@ import torch.distributed as dist
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from overhead import STABLE_MALLOC, Variant, format_table, gradwatch_variant, measure, plain
+from overhead import (
+    STABLE_MALLOC,
+    Stepper,
+    Variant,
+    format_table,
+    gradwatch_variant,
+    measure,
+    plain,
+)
 from workloads import WORKLOADS, Workload
 
 from gradwatch.distributed import local_tensor
@@ -36,9 +43,9 @@ WORLD = 2
 
 
 @contextlib.contextmanager
-def local_foreach_norm_floor(work: Workload, tmp: Path) -> Iterator[Callable[[], None]]:
+def local_foreach_norm_floor(work: Workload, tmp: Path) -> Iterator[Stepper]:
     params = list(work.model.parameters())
-    yield lambda: torch._foreach_norm([local_tensor(p.grad) for p in params])
+    yield Stepper(work, lambda: torch._foreach_norm([local_tensor(p.grad) for p in params]))
 
 
 VARIANTS: dict[str, Variant] = {
@@ -68,11 +75,7 @@ def distribute(work: Workload, strategy: str) -> Workload:
         for unit in layers + others:
             fully_shard(unit)
         fully_shard(model)
-    kind = type(work.optimizer)
-    accepted = inspect.signature(kind).parameters
-    settings = {k: v for k, v in work.optimizer.defaults.items() if k in accepted}
-    optimizer = kind(model.parameters(), **settings)
-    return Workload(work.name, model, optimizer, work.inputs, work.targets)
+    return work.with_model(model)
 
 
 def rank_main(args: argparse.Namespace) -> None:

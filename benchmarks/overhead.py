@@ -7,6 +7,11 @@ all gradients, and `clip_grad_norm_` (a norm pass plus a scaling pass), as the c
 
     python benchmarks/overhead.py                 # CPU, all workloads -> results/overhead-cpu.md
     python benchmarks/overhead.py --device cuda   # -> results/overhead-cuda.md
+    python benchmarks/overhead.py --compile       # torch.compile -> results/overhead-cpu-compile.md
+
+With --compile every forward runs through torch.compile (inductor). The watched variant trains a
+twin of the model (same weights and batch), compiled and watched once for the whole benchmark:
+attaching and removing hooks around every round would recompile the model each time.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,24 +34,33 @@ from workloads import WORKLOADS, Workload
 
 import gradwatch as gw
 
-Variant = Callable[[Workload, Path], contextlib.AbstractContextManager[Callable[[], None] | None]]
+
+@dataclass
+class Stepper:
+    """What a variant times: steps of `work`, with `between` run after backward."""
+
+    work: Workload
+    between: Callable[[], None] | None = None
+
+
+Variant = Callable[[Workload, Path], contextlib.AbstractContextManager[Stepper]]
 
 
 @contextlib.contextmanager
-def plain(work: Workload, tmp: Path) -> Iterator[None]:
-    yield None
+def plain(work: Workload, tmp: Path) -> Iterator[Stepper]:
+    yield Stepper(work)
 
 
 @contextlib.contextmanager
-def foreach_norm_floor(work: Workload, tmp: Path) -> Iterator[Callable[[], None]]:
+def foreach_norm_floor(work: Workload, tmp: Path) -> Iterator[Stepper]:
     params = list(work.model.parameters())
-    yield lambda: torch._foreach_norm([p.grad for p in params])
+    yield Stepper(work, lambda: torch._foreach_norm([p.grad for p in params]))
 
 
 @contextlib.contextmanager
-def clip_grad_norm_floor(work: Workload, tmp: Path) -> Iterator[Callable[[], None]]:
+def clip_grad_norm_floor(work: Workload, tmp: Path) -> Iterator[Stepper]:
     params = list(work.model.parameters())
-    yield lambda: torch.nn.utils.clip_grad_norm_(params, 1e6)
+    yield Stepper(work, lambda: torch.nn.utils.clip_grad_norm_(params, 1e6))
 
 
 def gradwatch_variant(
@@ -56,14 +71,31 @@ def gradwatch_variant(
     not a user setting)."""
 
     @contextlib.contextmanager
-    def variant(work: Workload, tmp: Path) -> Iterator[None]:
+    def variant(work: Workload, tmp: Path) -> Iterator[Stepper]:
         run_dir = Path(tempfile.mkdtemp(dir=tmp)) / "run"
         with gw.watch(work.model, work.optimizer, run_dir=run_dir, guards=guards(), **kwargs) as w:
             if not module_hooks:
                 w._module_probes.detach()
             work.log = w.log  # type: ignore[attr-defined]
-            yield None
+            yield Stepper(work)
         del work.log  # type: ignore[attr-defined]
+
+    return variant
+
+
+def watched_twin_variant(**kwargs: object) -> Variant:
+    """gw.watch (with `kwargs`) on a twin of the workload, opened at its first round and kept
+    open until the process ends (see the module docstring: --compile)."""
+    twins: dict[int, Workload] = {}
+
+    @contextlib.contextmanager
+    def variant(work: Workload, tmp: Path) -> Iterator[Stepper]:
+        if id(work) not in twins:
+            twin = work.twin()
+            run_dir = Path(tempfile.mkdtemp(dir=tmp)) / "run"
+            twin.log = gw.watch(twin.model, twin.optimizer, run_dir=run_dir, **kwargs).log  # type: ignore[attr-defined]
+            twins[id(work)] = twin
+        yield Stepper(twins[id(work)])
 
     return variant
 
@@ -76,9 +108,15 @@ VARIANTS: dict[str, Variant] = {
     "gradwatch stats + non-finite flags (probe_every=None)": gradwatch_variant(probe_every=None),
     "gradwatch default (probe_every=10)": gradwatch_variant(),
 }
+COMPILED_VARIANTS: dict[str, Variant] = {
+    "compiled plain": plain,
+    "floor: foreach_norm": foreach_norm_floor,
+    "compiled, gradwatch default (probe_every=10)": watched_twin_variant(),
+}
 
 
-def time_steps(work: Workload, between: Callable[[], None] | None, steps: int) -> list[float]:
+def time_steps(stepper: Stepper, steps: int) -> list[float]:
+    work, between = stepper.work, stepper.between
     sync = torch.cuda.synchronize if work.inputs.is_cuda else (lambda: None)
     log = getattr(work, "log", None)
     times = []
@@ -101,9 +139,9 @@ def measure(
     names = list(variants)
     for r in range(rounds):
         for name in names[r % len(names) :] + names[: r % len(names)]:
-            with variants[name](work, tmp) as between:
-                time_steps(work, between, 3)  # warm-up, untimed
-                samples[name] += time_steps(work, between, steps)
+            with variants[name](work, tmp) as stepper:
+                time_steps(stepper, 3)  # warm-up, untimed
+                samples[name] += time_steps(stepper, steps)
         print(f"  {work.name}: round {r + 1}/{rounds}", file=sys.stderr, flush=True)
     return {name: statistics.median(ts) for name, ts in samples.items()}
 
@@ -124,8 +162,14 @@ def _use_stable_malloc() -> None:
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **STABLE_MALLOC})
 
 
-def run_benchmark(variants: dict[str, Variant], name: str, description: str) -> None:
-    """Parse the command line, measure `variants` on the workloads, print and write the table."""
+def run_benchmark(
+    variants: dict[str, Variant],
+    name: str,
+    description: str,
+    compiled_variants: dict[str, Variant] | None = None,
+) -> None:
+    """Parse the command line, measure `variants` on the workloads (`compiled_variants` with
+    --compile), print and write the table."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument(
         "--default-malloc",
@@ -133,18 +177,24 @@ def run_benchmark(variants: dict[str, Variant], name: str, description: str) -> 
         help="keep glibc's dynamic allocator thresholds (noisier ratios)",
     )
     parser.add_argument("--device", default="cpu")
+    if compiled_variants is not None:
+        parser.add_argument("--compile", action="store_true", help="torch.compile the forward")
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--steps", type=int, default=60, help="timed steps per variant and round")
     parser.add_argument(
         "--variants",
         nargs="+",
-        choices=list(variants),
-        default=list(variants),
-        help="time only these variants (the first is the baseline)",
+        choices=list(variants) + list(compiled_variants or {}),
+        default=None,
+        help="time only these variants (the first is the baseline); default: all",
     )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    compiled = getattr(args, "compile", False)
+    if compiled:
+        variants = compiled_variants
+    args.variants = [v for v in args.variants or variants if v in variants]
     subset = len(args.variants) < len(variants)
     variants = {name: variants[name] for name in args.variants}
     if not args.default_malloc:
@@ -155,9 +205,10 @@ def run_benchmark(variants: dict[str, Variant], name: str, description: str) -> 
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for workload in args.workloads:
-            results[workload] = measure(
-                WORKLOADS[workload](device), variants, args.rounds, args.steps, Path(tmp)
-            )
+            work = WORKLOADS[workload](device)
+            if compiled:
+                work.compile()
+            results[workload] = measure(work, variants, args.rounds, args.steps, Path(tmp))
     where = (
         torch.cuda.get_device_name(device)
         if device.type == "cuda"
@@ -167,6 +218,7 @@ def run_benchmark(variants: dict[str, Variant], name: str, description: str) -> 
         f"# gradwatch {name} ({where}, torch {torch.__version__})\n\n"
         f"Command: `python benchmarks/{name}.py --device {args.device} --rounds {args.rounds} "
         f"--steps {args.steps}{' --default-malloc' if args.default_malloc else ''}"
+        f"{' --compile' if compiled else ''}"
         + (" --variants " + " ".join(repr(v) for v in args.variants) if subset else "")
         + "`. "
         + (
@@ -182,7 +234,7 @@ def run_benchmark(variants: dict[str, Variant], name: str, description: str) -> 
     )
     table = format_table(results, header)
     print(table)
-    suffix = "-default-malloc" if args.default_malloc else ""
+    suffix = ("-default-malloc" if args.default_malloc else "") + ("-compile" if compiled else "")
     out = args.out or Path(__file__).parent / "results" / f"{name}-{device.type}{suffix}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(table)
@@ -204,7 +256,7 @@ def format_table(results: dict[str, dict[str, float]], header: str) -> str:
 
 
 def main() -> None:
-    run_benchmark(VARIANTS, "overhead", __doc__.split("\n\n")[0])
+    run_benchmark(VARIANTS, "overhead", __doc__.split("\n\n")[0], COMPILED_VARIANTS)
 
 
 if __name__ == "__main__":

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
+import inspect
 import itertools
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -12,16 +14,40 @@ from torch import nn
 
 @dataclass
 class Workload:
-    """A model, its optimizer and one fixed batch; `step()` is one plain training step."""
+    """A model, its optimizer and one fixed batch; `step()` is one plain training step.
+
+    After `compile()` the forward runs through `torch.compile(model)`.
+    """
 
     name: str
     model: nn.Module
     optimizer: torch.optim.Optimizer
     inputs: torch.Tensor
     targets: torch.Tensor
+    forward: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, repr=False)
+
+    def compile(self) -> None:
+        self.forward = torch.compile(self.model)
+
+    def with_model(self, model: nn.Module) -> Workload:
+        """This workload training `model` instead: a fresh optimizer with the same settings, the
+        same batch, compiled if this one is."""
+        kind = type(self.optimizer)
+        accepted = inspect.signature(kind).parameters
+        settings = {k: v for k, v in self.optimizer.defaults.items() if k in accepted}
+        optimizer = kind(model.parameters(), **settings)
+        other = Workload(self.name, model, optimizer, self.inputs, self.targets)
+        if self.forward is not None:
+            other.compile()
+        return other
+
+    def twin(self) -> Workload:
+        """The same workload on a copy of the model (same weights)."""
+        return self.with_model(copy.deepcopy(self.model))
 
     def loss(self) -> torch.Tensor:
-        return nn.functional.cross_entropy(self.model(self.inputs), self.targets)
+        forward = self.forward or self.model
+        return nn.functional.cross_entropy(forward(self.inputs), self.targets)
 
     def step(self, between: Callable[[], None] | None = None) -> torch.Tensor:
         """One step; `between` runs after backward and before the optimizer's update."""
