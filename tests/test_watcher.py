@@ -218,3 +218,64 @@ def test_compile_works_after_close(tmp_path):
         compiled = torch.compile(model, backend="eager")
     x = torch.randn(2, 6)
     torch.testing.assert_close(compiled(x), model(x))
+
+
+def closure_training(tmp_path, make_optimizer, steps=6):
+    """Train with optimizer.step(closure); the reference is the gradient norm that the closure's
+    first call of each step leaves (LBFGS calls it again in its line search)."""
+    model = small_mlp()
+    optimizer = make_optimizer(model.parameters())
+    x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
+    first_norms: list[float] = []
+    with gw.watch(model, optimizer, run_dir=tmp_path / "r", probe_every=None) as w:
+        for _ in range(steps):
+            calls = 0
+
+            def closure():
+                nonlocal calls
+                optimizer.zero_grad()
+                loss = nn.functional.cross_entropy(model(x), y)
+                loss.backward()
+                calls += 1
+                if calls == 1:
+                    grads = [p.grad for p in model.parameters()]
+                    first_norms.append(torch.linalg.vector_norm(torch.stack(
+                        [torch.linalg.vector_norm(g) for g in grads])).item())  # fmt: skip
+                return loss
+
+            optimizer.step(closure)
+    return gw.open_run(tmp_path / "r"), first_norms, w
+
+
+@pytest.mark.parametrize(
+    "make_optimizer",
+    [
+        lambda params: torch.optim.SGD(params, lr=0.1),
+        lambda params: torch.optim.LBFGS(params, lr=0.5, max_iter=4),
+    ],
+    ids=["sgd", "lbfgs"],
+)
+def test_step_with_a_closure_records_this_steps_gradients(tmp_path, make_optimizer):
+    run, first_norms, w = closure_training(tmp_path, make_optimizer)
+    np.testing.assert_array_equal(run.steps, np.arange(6))
+    np.testing.assert_allclose(run.series("global_grad_norm"), first_norms, rtol=1e-6)
+    assert w.findings() == []  # no false non-finite finding from a step without gradients
+
+
+def test_guards_act_on_the_closures_gradients(tmp_path):
+    model = small_mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
+
+    def closure():
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    with gw.watch(model, optimizer, run_dir=tmp_path / "r", guards=[gw.guards.ClipNorm(1e-3)]):
+        optimizer.step(closure)
+        clipped = torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(p.grad) for p in model.parameters()])
+        )
+    assert clipped.item() == pytest.approx(1e-3, rel=1e-3)

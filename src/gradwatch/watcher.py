@@ -246,7 +246,37 @@ class Watcher:
         elif self._probes(0):
             self._snapshot = self._statistics.snapshot_params()
 
-    def _before_update(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+    def _before_update(self, optimizer: Any, args: Any, kwargs: Any) -> Any:
+        """The step pre-hook. With `optimizer.step(closure)` the gradients do not exist yet: the
+        closure makes them. Then the hook hands the optimizer a closure that records them (and
+        lets the guards act) right after the closure's first call of the step."""
+        # `args` are step()'s positional arguments, the optimizer itself first.
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+        if closure is None:
+            self._record_update_inputs()
+            return None
+        recording = self._recording_closure(closure)
+        if "closure" in kwargs:
+            return args, {**kwargs, "closure": recording}
+        return (args[0], recording, *args[2:]), kwargs
+
+    def _recording_closure(self, closure: Any) -> Any:
+        """`closure`, recording the gradients it makes on its first call (LBFGS calls it again
+        during its line search: those are not this step's gradients)."""
+        first = True
+
+        def recording() -> Any:
+            nonlocal first
+            loss = closure()
+            if first:
+                first = False
+                self._record_update_inputs()
+            return loss
+
+        return recording
+
+    def _record_update_inputs(self) -> None:
+        """This step's gradient statistics, the guards, and θ_before on probe steps."""
         step = self._step
         present = self._statistics.present()
         row = self._open_row(step) if self._records(step) else None
