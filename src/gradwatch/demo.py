@@ -12,17 +12,12 @@ import torch
 from torch import nn
 
 import gradwatch as gw
+from gradwatch.extras import optional
 
 
 def load_digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The 8x8 digits (1797 images, shipped with scikit-learn), standardised, 80/20 split."""
-    try:
-        from sklearn.datasets import load_digits as sklearn_digits
-    except ImportError as exc:
-        raise SystemExit(
-            "gradwatch demo needs scikit-learn: pip install 'gradwatch[demo]'"
-        ) from exc
-    data = sklearn_digits()
+    data = optional("sklearn.datasets", "the demo").load_digits()
     x = torch.tensor(data.data, dtype=torch.float32)
     x = (x - x.mean(0)) / (x.std(0) + 1e-6)
     y = torch.tensor(data.target, dtype=torch.long)
@@ -132,11 +127,8 @@ def train_scenario(
 
 def run_demo(out_dir: Path, steps: int = 300) -> list[Outcome]:
     """Train every scenario with a progress bar and print what gradwatch found in each."""
-    try:
-        from rich.console import Console
-        from rich.progress import Progress
-    except ImportError as exc:
-        raise SystemExit("gradwatch demo needs rich: pip install 'gradwatch[demo]'") from exc
+    Console = optional("rich.console", "the demo").Console
+    Progress = optional("rich.progress", "the demo").Progress
     console = Console()
     outcomes = []
     with Progress(console=console, transient=False) as progress:

@@ -11,16 +11,14 @@ import html
 import json
 from pathlib import Path
 
+from gradwatch.extras import optional
 from gradwatch.report.data import ReportData
 
 
 def _charts():  # matplotlib loads only when a report is drawn
-    try:
-        from gradwatch.report import charts
-    except ImportError as exc:
-        raise ImportError(
-            "gradwatch reports draw their charts with matplotlib: pip install 'gradwatch[report]'"
-        ) from exc
+    optional("matplotlib", "the charts of a gradwatch report")
+    from gradwatch.report import charts
+
     return charts
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gradwatch.extras import optional
 from gradwatch.report.data import ReportData
 
 WORST = 5
@@ -38,6 +39,7 @@ def worst_layers(data: ReportData) -> list[tuple[str, float, str]]:
 
 def print_summary(run_dir: str | Path) -> None:
     """Print a run's verdict, findings and worst layers with rich."""
+    optional("rich", "the summary")
     from rich.console import Console
     from rich.panel import Panel
     from rich.table import Table

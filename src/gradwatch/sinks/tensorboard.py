@@ -13,16 +13,14 @@ from typing import Any
 import numpy as np
 
 from gradwatch.detect.findings import Finding
+from gradwatch.extras import optional
 from gradwatch.stats.buffer import StatsBlock
 
 
 def _summary_writer(log_dir: str | Path) -> Any:
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError as exc:
-        raise ImportError(
-            "TensorBoard output needs the tensorboard package: pip install 'gradwatch[tensorboard]'"
-        ) from exc
+    optional("tensorboard", "TensorBoard output")
+    from torch.utils.tensorboard import SummaryWriter
+
     return SummaryWriter(log_dir=str(log_dir))
 
 
