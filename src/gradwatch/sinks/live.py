@@ -1,0 +1,77 @@
+"""What a live dashboard sink (W&B, MLflow) receives from each committed block: a bounded set of
+metrics, and each finding once.
+
+Per recorded step `gradwatch/global_grad_norm`; on probe steps `gradwatch/grad_norm/<tensor>` and
+`gradwatch/signal_norm/<module>` for at most `layers` tensors and `layers` modules, spread evenly
+over the model's depth (first and last included). So a sink holds at most 1 + 2·layers metric
+series (33 with the default 16), whatever the size of the model.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterator
+
+import numpy as np
+
+from gradwatch.detect.findings import Finding
+from gradwatch.stats.buffer import StatsBlock
+
+PREFIX = "gradwatch"
+STEP = f"{PREFIX}/step"
+DEFAULT_LAYERS = 16
+
+
+def spread(count: int, limit: int) -> list[int]:
+    """At most `limit` indices out of range(count), evenly spaced, first and last included."""
+    if count <= limit:
+        return list(range(count))
+    if limit == 1:
+        return [count - 1]
+    return sorted({round(i * (count - 1) / (limit - 1)) for i in range(limit)})
+
+
+class LiveMetrics:
+    """Turns blocks into per-step metric dicts and remembers which findings were sent."""
+
+    def __init__(self, layers: int = DEFAULT_LAYERS) -> None:
+        if not isinstance(layers, int) or layers < 1:
+            raise ValueError(f"layers must be an int >= 1, got {layers!r}")
+        self.layers = layers
+        self._sent: set[tuple[str, str]] = set()
+
+    def rows(
+        self, block: StatsBlock, tensors: list[str], modules: list[str]
+    ) -> Iterator[tuple[int, dict[str, float]]]:
+        """(step, {metric name: value}) for each step of the block, finite values only."""
+        chosen_tensors = spread(len(tensors), self.layers)
+        chosen_modules = spread(len(modules), self.layers)
+        grads = block.tensor_series("grad_norm")
+        signals = block.module_series("signal_norm")
+        global_norms = block.scalar("global_grad_norm")
+        for r, step in enumerate(block.steps):
+            metrics = {f"{PREFIX}/global_grad_norm": float(global_norms[r])}
+            if np.isfinite(signals[r]).any():  # a probe step
+                for t in chosen_tensors:
+                    metrics[f"{PREFIX}/grad_norm/{tensors[t]}"] = float(grads[r, t])
+                for m in chosen_modules:
+                    metrics[f"{PREFIX}/signal_norm/{modules[m]}"] = float(signals[r, m])
+            finite = {k: v for k, v in metrics.items() if math.isfinite(v)}
+            if finite:
+                yield int(step), finite
+
+    def new_findings(self, findings: list[Finding]) -> list[Finding]:
+        """The findings whose (kind, layer) was not sent before."""
+        new = [f for f in findings if (f.kind, f.layer) not in self._sent]
+        self._sent.update((f.kind, f.layer) for f in new)
+        return new
+
+
+def metric_key(name: str) -> str:
+    """A metric name the trackers accept: letters, digits, `_ - . / space`; others become `_`."""
+    return re.sub(r"[^\w\-./ ]", "_", name)
+
+
+def finding_title(finding: Finding) -> str:
+    return f"gradwatch: {finding.kind} at {finding.layer or 'the whole model'}"
