@@ -46,7 +46,7 @@ class Workload:
         return self.with_model(copy.deepcopy(self.model))
 
     def loss(self) -> torch.Tensor:
-        forward = self.forward or self.model
+        forward = self.model if self.forward is None else self.forward
         return nn.functional.cross_entropy(forward(self.inputs), self.targets)
 
     def step(self, between: Callable[[], None] | None = None) -> torch.Tensor:
