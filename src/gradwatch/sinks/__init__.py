@@ -4,8 +4,9 @@
 """
 
 from gradwatch.sinks.base import Sink
+from gradwatch.sinks.logger import Logger
 from gradwatch.sinks.mlflow import MLflow
 from gradwatch.sinks.tensorboard import TensorBoard, export_tensorboard
 from gradwatch.sinks.wandb import WandB
 
-__all__ = ["MLflow", "Sink", "TensorBoard", "WandB", "export_tensorboard"]
+__all__ = ["Logger", "MLflow", "Sink", "TensorBoard", "WandB", "export_tensorboard"]

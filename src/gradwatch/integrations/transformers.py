@@ -1,0 +1,85 @@
+"""Hugging Face Trainer: `Trainer(..., callbacks=[GradwatchCallback(run_dir=...)])`.
+
+The callback calls `gw.watch` on the Trainer's model and optimizer when training begins and closes
+the watcher when it ends. The Trainer clips the gradients before any callback sees them, so the
+callback takes the clipping over: for the run it sets `args.max_grad_norm` to 0 and puts
+`gw.guards.ClipNorm(max_grad_norm)` first among the guards, which applies the same rule
+(`clip_grad_norm_`'s) right after gradwatch records the step. So gradwatch's statistics are those
+of the pre-clip gradients, `global_grad_norm` equals the `grad_norm` the Trainer logs (it then
+measures the gradients unclipped, after unscaling under AMP), and the updates are the Trainer's
+own. `args.max_grad_norm` is restored when training ends.
+
+With gradient accumulation a recorded step is an optimizer step, whose statistics pool its
+micro-batches. The Trainer's logged `loss` (averaged over `logging_steps`) is stored as `loss` at
+the step it was logged at. Findings go to the Trainer's log (the `transformers.trainer` logger)
+once each, and to the run store. Needs `transformers` and `accelerate`
+(`pip install 'gradwatch[transformers]'`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import gradwatch as gw
+from gradwatch.extras import optional
+
+_transformers = optional("transformers", "gradwatch's Hugging Face Trainer callback")
+
+
+class GradwatchCallback(_transformers.TrainerCallback):
+    """Watch the gradients of a Hugging Face `Trainer` run with `gw.watch`.
+
+    Args:
+        run_dir: where the run store goes (default: `runs/<date-time>`, as `gw.watch`).
+        guards: guards applied after the Trainer's clipping rule (see the module docstring).
+        sinks: extra sinks; the Trainer's log always receives the findings.
+        watch_options: `every`, `probe_every`, `flush_every`, as for `gw.watch`.
+
+    `watcher` is the open `gw.Watcher` during training (None before and after).
+    """
+
+    def __init__(
+        self,
+        run_dir: str | Path | None = None,
+        guards: Iterable[Any] = (),
+        sinks: Iterable[Any] = (),
+        **watch_options: Any,
+    ) -> None:
+        self.run_dir = run_dir
+        self.guards = list(guards)
+        self.sinks = list(sinks)
+        self.watch_options = watch_options
+        self.watcher: gw.Watcher | None = None
+        self._max_grad_norm: float | None = None
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs) -> None:
+        if model is None or optimizer is None:
+            raise ValueError("GradwatchCallback needs the Trainer's model and optimizer")
+        guards = list(self.guards)
+        if args.max_grad_norm is not None and args.max_grad_norm > 0:
+            self._max_grad_norm = args.max_grad_norm
+            guards.insert(0, gw.guards.ClipNorm(args.max_grad_norm))
+            args.max_grad_norm = 0.0  # gradwatch clips, right after it records the step
+        logger = optional("transformers.trainer", "GradwatchCallback").logger
+        self.watcher = gw.watch(
+            model,
+            getattr(optimizer, "optimizer", optimizer),  # under accelerate's wrapper
+            run_dir=self.run_dir,
+            guards=guards,
+            sinks=[gw.sinks.Logger(logger), *self.sinks],
+            **self.watch_options,
+        )
+
+    def on_log(self, args, state, control, logs=None, **kwargs) -> None:
+        if self.watcher is not None and logs and "loss" in logs:
+            self.watcher.log(loss=logs["loss"])
+
+    def on_train_end(self, args, state, control, **kwargs) -> None:
+        if self._max_grad_norm is not None:
+            args.max_grad_norm = self._max_grad_norm
+            self._max_grad_norm = None
+        if self.watcher is not None:
+            self.watcher.close()
+            self.watcher = None
