@@ -1,0 +1,119 @@
+"""The Lightning callback, with the real `lightning` package on the CPU."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import gradwatch as gw
+
+L = pytest.importorskip("lightning.pytorch")
+from lightning.pytorch.utilities import grad_norm  # noqa: E402
+
+from gradwatch.integrations.lightning import GradwatchCallback  # noqa: E402
+
+
+class Tiny(L.LightningModule):
+    """Records, in on_before_optimizer_step, the total norm Lightning's utility gives."""
+
+    def __init__(self, manual: bool = False, optimizers: int = 1, poison_from: int | None = None):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+        self.automatic_optimization = not manual
+        self.n_optimizers = optimizers
+        self.poison_from = poison_from
+        self.norms: list[float] = []
+        self.losses: list[float] = []
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        if self.poison_from is not None and self.global_step >= self.poison_from:
+            x = x * float("nan")
+        loss = nn.functional.cross_entropy(self.net(x), y)
+        if not self.automatic_optimization:
+            optimizer = self.optimizers()
+            optimizer.zero_grad()
+            self.manual_backward(loss)
+            optimizer.step()
+        self.losses.append(loss.item())
+        return loss
+
+    def on_before_optimizer_step(self, optimizer):
+        self.norms.append(grad_norm(self, norm_type=2)["grad_2.0_norm_total"].item())
+
+    def configure_optimizers(self):
+        make = lambda: torch.optim.SGD(self.parameters(), lr=0.5)  # noqa: E731
+        return make() if self.n_optimizers == 1 else [make() for _ in range(self.n_optimizers)]
+
+
+def fit(callbacks=(), steps=8, module=None, **trainer_options):
+    torch.manual_seed(0)
+    module = module or Tiny()
+    generator = torch.Generator().manual_seed(1)
+    data = torch.utils.data.TensorDataset(
+        torch.randn(128, 6, generator=generator), torch.randint(0, 3, (128,), generator=generator)
+    )
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=list(callbacks),
+        **trainer_options,
+    )  # fmt: skip
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=8))
+    return trainer, module
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"gradient_clip_val": 0.05}, {"accumulate_grad_batches": 2}],
+    ids=["plain", "clipped", "accumulated"],
+)
+def test_global_grad_norm_is_lightnings_pre_clip_total_norm(tmp_path, options):
+    trainer, module = fit([GradwatchCallback(run_dir=tmp_path / "run", probe_every=2)], **options)
+    run = gw.open_run(tmp_path / "run")
+    np.testing.assert_array_equal(run.steps, np.arange(8))  # one row per optimizer step
+    np.testing.assert_allclose(run.series("global_grad_norm"), module.norms, rtol=1e-5)
+    assert run.tensors == ["net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias"]
+    assert trainer.gradient_clip_val == options.get("gradient_clip_val")  # restored
+
+
+def test_the_loss_of_training_step_is_stored(tmp_path):
+    _, module = fit([GradwatchCallback(run_dir=tmp_path / "run")])
+    np.testing.assert_allclose(
+        gw.open_run(tmp_path / "run").series("loss"), module.losses, rtol=1e-6
+    )
+
+
+def test_taking_over_the_clipping_leaves_training_unchanged(tmp_path):
+    _, plain = fit(gradient_clip_val=0.05)
+    _, watched = fit([GradwatchCallback(run_dir=tmp_path / "run")], gradient_clip_val=0.05)
+    for a, b in zip(plain.parameters(), watched.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert len([e for e in gw.open_run(tmp_path / "run").events if e.kind == "clip"]) == 8
+
+
+def test_manual_optimisation_records_each_step(tmp_path):
+    _, module = fit([GradwatchCallback(run_dir=tmp_path / "run")], module=Tiny(manual=True))
+    run = gw.open_run(tmp_path / "run")
+    np.testing.assert_array_equal(run.steps, np.arange(8))
+    np.testing.assert_allclose(run.series("global_grad_norm"), module.norms, rtol=1e-5)
+
+
+def test_findings_reach_lightnings_log(tmp_path, caplog):
+    callback = GradwatchCallback(run_dir=tmp_path / "run", flush_every=2)
+    with caplog.at_level(logging.WARNING, logger="lightning.pytorch"):
+        fit([callback], module=Tiny(poison_from=3))
+    found = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "lightning.pytorch" and "gradwatch finding" in r.getMessage()
+    ]
+    assert len(found) == 1 and "nonfinite" in found[0] and "step 3" in found[0]
+
+
+def test_several_optimizers_are_refused_clearly(tmp_path):
+    with pytest.raises(ValueError, match=r"configures 2\. Several optimizers are not supported"):
+        fit([GradwatchCallback(run_dir=tmp_path / "run")], module=Tiny(manual=True, optimizers=2))
