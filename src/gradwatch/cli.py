@@ -79,6 +79,32 @@ def _gradcheck(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _probe_every(value: str) -> int | None:
+    return None if value.lower() == "none" else int(value)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Run a script watched. Errors in gradwatch's options exit 2 before the script starts; the
+    script's own exceptions propagate (a traceback and exit 1, as with python SCRIPT)."""
+    from gradwatch.launch import WatchOptions, default_run_dir, run_script
+
+    if not Path(args.script).is_file():
+        print(f"gradwatch run: no script at {args.script!r}", file=sys.stderr)
+        return 2
+    try:
+        options = WatchOptions(
+            run_dir=Path(args.run_dir) if args.run_dir else default_run_dir(args.script),
+            every=args.every,
+            probe_every=args.probe_every,
+            flush_every=args.flush_every,
+            guards=list(args.guard),
+        )
+    except ValueError as exc:
+        print(f"gradwatch run: {exc}", file=sys.stderr)
+        return 2
+    return run_script(args.script, args.args, options)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gradwatch", description="See and guard the gradients of deep-network training."
@@ -113,11 +139,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("--seed", type=int, default=0)
     check.set_defaults(handler=_gradcheck)
+    run = commands.add_parser(
+        "run",
+        help="run an unmodified training script and watch what its optimizers train",
+        description="Run SCRIPT as `python SCRIPT ARGS` would and watch the model each optimizer "
+        "trains (found at its first step). One run store per optimizer: RUN_DIR, then "
+        "RUN_DIR-optimizer1, ... At the end the findings and the reports' paths are printed.",
+    )
+    run.add_argument("--run-dir", help="where the run store goes (default runs/<script>-<time>)")
+    run.add_argument("--every", type=int, default=1, help="record every N-th step (default 1)")
+    run.add_argument(
+        "--probe-every", type=_probe_every, default=10, help="probe step period, or none"
+    )
+    run.add_argument("--flush-every", type=int, default=50, help="steps per stored block")
+    run.add_argument(
+        "--guard",
+        action="append",
+        default=[],
+        help="a guard, repeatable: zclip, autoclip, agc, skip-nonfinite, rollback, "
+        "clip-norm=MAX, clip-value=MAX",
+    )
+    run.add_argument("script", help="the training script")
+    run.add_argument("args", nargs=argparse.REMAINDER, help="the script's own arguments")
+    run.set_defaults(handler=_run)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "run":  # the script owns logging, and its exceptions are its own
+        return args.handler(args)
     logging.basicConfig(level=logging.ERROR, format="%(message)s")
     try:
         return args.handler(args)

@@ -215,6 +215,11 @@ def _reject_unsupported(model: nn.Module) -> None:
         )
 
 
+def process_group_alive() -> bool:
+    """Whether the default process group still exists (a script may destroy it first)."""
+    return _AVAILABLE and dist.is_initialized()
+
+
 def collective_device(topo: Topology, device: torch.device) -> torch.device:
     """Where small collective tensors live: the model's device, or the current CUDA device for
     NCCL when the model sits on the CPU."""

@@ -41,6 +41,7 @@ from gradwatch.distributed import (
     collective_device,
     mean_over_ranks,
     module_class,
+    process_group_alive,
     topology,
     unwrap,
 )
@@ -135,6 +136,11 @@ class Watcher:
     def step_count(self) -> int:
         """Optimizer steps completed since `watch()`."""
         return self._step
+
+    @property
+    def rank(self) -> int:
+        """This process's global rank (0 in a single process); rank 0 writes the store."""
+        return self._topology.rank
 
     def step(self) -> None:
         """Mark the end of one update when watching without an optimizer (`gw.watch(model)`).
@@ -386,6 +392,12 @@ class Watcher:
             self._fix_layout()
         topo, names = self._topology, tuple(self._scalar_names)
         combine_tensors = combine_modules = combine_scalars = None
+        if topo.distributed and not process_group_alive():
+            raise RuntimeError(
+                f"the process group was destroyed before this watcher was closed: the last {n} "
+                "recorded steps cannot be combined across ranks and are lost. Close the watcher "
+                "(leave its `with` block) before torch.distributed.destroy_process_group()"
+            )
         if topo.distributed:  # every rank flushes the same steps: the collectives line up
             union = check_same_block(topo, n, self._block_steps[0], names, self._collective_device)
             if topo.sharded:

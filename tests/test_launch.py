@@ -1,0 +1,199 @@
+"""`gradwatch run SCRIPT`: an unmodified script is run as python would run it, and what its
+optimizers train is watched."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+import gradwatch as gw
+from gradwatch.cli import main
+
+TRAIN = textwrap.dedent(
+    """
+    import argparse, json, sys
+    import torch
+    from torch import nn
+
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+
+        def forward(self, x):
+            return self.body(x)
+
+
+    def main():
+        parser = argparse.ArgumentParser()
+        parser.add_argument("--steps", type=int, default=5)
+        parser.add_argument("--out", required=True)
+        parser.add_argument("--exit-code", type=int, default=0)
+        parser.add_argument("--fail", action="store_true")
+        args = parser.parse_args()
+        torch.manual_seed(0)
+        net = Net()
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+        losses = []
+        for _ in range(args.steps):
+            x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+            loss = nn.functional.cross_entropy(net(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        with open(args.out, "w") as f:
+            json.dump(losses, f)
+        if args.fail:
+            raise RuntimeError("the script failed on purpose")
+        sys.exit(args.exit_code)
+
+
+    if __name__ == "__main__":
+        main()
+    """
+)
+
+GAN = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    generator = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 6))
+    discriminator = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 1))
+    g_opt = torch.optim.Adam(generator.parameters(), lr=1e-3)
+    d_opt = torch.optim.Adam(discriminator.parameters(), lr=1e-3)
+    bce = nn.functional.binary_cross_entropy_with_logits
+    for _ in range(4):
+        real, fake = torch.randn(8, 6), generator(torch.randn(8, 4))
+        d_loss = bce(discriminator(real), torch.ones(8, 1)) + bce(
+            discriminator(fake.detach()), torch.zeros(8, 1)
+        )
+        d_opt.zero_grad()
+        d_loss.backward()
+        d_opt.step()
+        g_loss = bce(discriminator(generator(torch.randn(8, 4))), torch.ones(8, 1))
+        g_opt.zero_grad()
+        g_loss.backward()
+        g_opt.step()
+    """
+)
+
+
+@pytest.fixture
+def script(tmp_path):
+    path = tmp_path / "train.py"
+    path.write_text(TRAIN)
+    return path
+
+
+def test_an_unmodified_script_is_watched_with_its_names_and_loss(tmp_path, script, capsys):
+    out = tmp_path / "losses.json"
+    code = main(["run", "--run-dir", str(tmp_path / "run"), "--probe-every", "2",
+                 str(script), "--steps", "5", "--out", str(out)])  # fmt: skip
+    assert code == 0
+    run = gw.open_run(tmp_path / "run")
+    assert run.tensors == ["body.0.weight", "body.0.bias", "body.2.weight", "body.2.bias"]
+    np.testing.assert_array_equal(run.steps, np.arange(5))
+    np.testing.assert_allclose(run.series("loss"), json.loads(out.read_text()), rtol=1e-6)
+    assert run.closed
+    err = capsys.readouterr().err
+    assert "0 finding(s)" in err and str(tmp_path / "run" / "report.html") in err
+    assert sys.argv[0] != str(script)  # restored
+
+
+def test_the_scripts_exit_code_passes_through(tmp_path, script):
+    code = main(["run", "--run-dir", str(tmp_path / "run"), str(script),
+                 "--out", str(tmp_path / "l.json"), "--exit-code", "3"])  # fmt: skip
+    assert code == 3
+    assert gw.open_run(tmp_path / "run").closed  # the store was closed all the same
+
+
+def test_the_scripts_exception_passes_through_after_the_store_is_closed(tmp_path, script):
+    with pytest.raises(RuntimeError, match="the script failed on purpose"):
+        main(["run", "--run-dir", str(tmp_path / "run"), str(script),
+              "--out", str(tmp_path / "l.json"), "--fail"])  # fmt: skip
+    assert gw.open_run(tmp_path / "run").closed
+
+
+def test_python_m_gradwatch_run_returns_the_exit_code(tmp_path, script):
+    done = subprocess.run(
+        [sys.executable, "-m", "gradwatch", "run", "--run-dir", str(tmp_path / "run"),
+         "--guard", "zclip", str(script), "--out", str(tmp_path / "l.json"), "--exit-code", "4"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 4, done.stderr
+    assert gw.open_run(tmp_path / "run").meta["closed"]
+
+
+def test_several_optimizers_get_one_store_each_in_order_of_their_first_step(tmp_path):
+    (tmp_path / "gan.py").write_text(GAN)
+    assert main(["run", "--run-dir", str(tmp_path / "run"), str(tmp_path / "gan.py")]) == 0
+    first = gw.open_run(tmp_path / "run")  # the discriminator steps first
+    second = gw.open_run(tmp_path / "run-optimizer1")
+    assert first.tensors == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    assert first.tensor_info[0]["shape"] == (8, 6)  # discriminator: 6 -> 8
+    assert second.tensor_info[0]["shape"] == (8, 4)  # generator: 4 -> 8
+    assert len(first.steps) == len(second.steps) == 4
+    assert np.isfinite(second.series("loss")).all()
+
+
+def test_bad_options_fail_before_the_script_runs(tmp_path, script, capsys):
+    marker = tmp_path / "l.json"
+    assert main(["run", "--guard", "nope", str(script), "--out", str(marker)]) == 2
+    assert main(["run", "--every", "0", str(script), "--out", str(marker)]) == 2
+    assert main(["run", str(tmp_path / "missing.py")]) == 2
+    assert not marker.exists()
+    err = capsys.readouterr().err
+    assert "unknown guard 'nope'" in err and "every must be an int >= 1" in err
+
+
+DDP = textwrap.dedent(
+    """
+    import torch, torch.distributed as dist
+    from torch import nn
+
+    dist.init_process_group("gloo")
+    torch.manual_seed(0)
+    model = nn.parallel.DistributedDataParallel(nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 2)))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(5):
+        loss = nn.functional.cross_entropy(model(torch.randn(8, 8)), torch.randint(0, 2, (8,)))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    dist.destroy_process_group()  # gradwatch run closes its watchers first
+    """
+)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
+def test_gradwatch_run_under_torchrun_writes_one_store_of_every_step(tmp_path):
+    (tmp_path / "ddp.py").write_text(DDP)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+               "2", "-m", "gradwatch", "run", "--run-dir", str(tmp_path / "run"),
+               str(tmp_path / "ddp.py")]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env, start_new_session=True)  # fmt: skip
+    try:
+        output, _ = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail("gradwatch run under torchrun still running after 180 s (a hang?)")
+    assert proc.returncode == 0, output[-3000:]
+    run = gw.open_run(tmp_path / "run")
+    np.testing.assert_array_equal(run.steps, np.arange(5))
+    assert run.meta["distributed"]["strategy"] == "ddp" and run.closed
+    assert output.count("gradwatch: report") == 1  # rank 0 announces
