@@ -114,6 +114,56 @@ def test_findings_reach_lightnings_log(tmp_path, caplog):
     assert len(found) == 1 and "nonfinite" in found[0] and "step 3" in found[0]
 
 
-def test_several_optimizers_are_refused_clearly(tmp_path):
-    with pytest.raises(ValueError, match=r"configures 2\. Several optimizers are not supported"):
+class TwoNets(L.LightningModule):
+    """A GAN-like module: two submodules, two optimizers, manual optimisation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.generator = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 6))
+        self.critic = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 1))
+        self.automatic_optimization = False
+        self.norms: dict[int, list[float]] = {0: [], 1: []}
+
+    def training_step(self, batch, batch_idx):
+        x, _ = batch
+        g_opt, c_opt = self.optimizers()
+        critic_loss = self.critic(self.generator(x).detach()).mean() - self.critic(x).mean()
+        c_opt.zero_grad()
+        self.manual_backward(critic_loss)
+        c_opt.step()
+        generator_loss = -self.critic(self.generator(x)).mean()
+        g_opt.zero_grad()
+        self.manual_backward(generator_loss)
+        g_opt.step()
+
+    def on_before_optimizer_step(self, optimizer):
+        index = (
+            self.optimizers().index(optimizer)
+            if False
+            else [o.optimizer for o in self.optimizers()].index(optimizer)
+        )
+        owner = (self.generator, self.critic)[index]
+        total = torch.linalg.vector_norm(
+            torch.stack([p.grad.norm() for p in owner.parameters() if p.grad is not None])
+        )
+        self.norms[index].append(total.item())
+
+    def configure_optimizers(self):
+        return [torch.optim.SGD(self.generator.parameters(), lr=0.1),
+                torch.optim.SGD(self.critic.parameters(), lr=0.1)]  # fmt: skip
+
+
+def test_several_optimizers_get_one_store_each_on_their_submodule(tmp_path):
+    _, module = fit([GradwatchCallback(run_dir=tmp_path / "run")], steps=12, module=TwoNets())
+    generator, critic = gw.open_run(tmp_path / "run"), gw.open_run(tmp_path / "run-optimizer1")
+    assert generator.tensor_info[0]["shape"] == (8, 6) and critic.tensor_info[-1]["shape"] == (1,)
+    assert len(generator.steps) == len(critic.steps) == 6  # 12 optimizer steps, 2 per batch
+    np.testing.assert_allclose(generator.series("global_grad_norm"), module.norms[0], rtol=1e-5)
+    np.testing.assert_allclose(critic.series("global_grad_norm"), module.norms[1], rtol=1e-5)
+
+
+def test_optimizers_sharing_parameters_are_refused_clearly(tmp_path):
+    with pytest.raises(
+        ValueError, match=r"optimizers #0 and #1 update parameters of one submodule"
+    ):
         fit([GradwatchCallback(run_dir=tmp_path / "run")], module=Tiny(manual=True, optimizers=2))

@@ -14,17 +14,26 @@ gradwatch records the step. So `global_grad_norm` is the pre-clip total norm tha
 restored when fitting ends. A `configure_gradient_clipping` of your own that clips without
 `gradient_clip_val` still runs before gradwatch records.
 
+Several optimizers (a GAN's generator and discriminator, in manual optimisation): one watcher
+and one run store per optimizer, in the order `configure_optimizers` returns them, the first at
+`run_dir`, the k-th after it at `run_dir`-optimizer<k>; each watches the smallest submodule that
+holds all of its optimizer's parameters, so its names are relative to that submodule (the
+generator's `0.weight`). Optimizers that share a submodule's parameters are refused with a clear
+error. With one optimizer the LightningModule itself is watched and names are its own.
+
 The loss that `training_step` returns is stored as `loss` at each optimizer step (the last
 micro-batch's, with accumulation). Findings go to Lightning's log (the `lightning.pytorch` logger)
-once each, and to the run store. One optimizer per LightningModule: several optimizers (GANs)
-are refused with a clear error for now. Needs `lightning` (`pip install 'gradwatch[lightning]'`).
+once each, and to the run store. Needs `lightning` (`pip install 'gradwatch[lightning]'`).
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+from torch import nn
 
 import gradwatch as gw
 from gradwatch.extras import optional
@@ -41,7 +50,8 @@ class GradwatchCallback(_lightning.Callback):
         sinks: extra sinks; Lightning's log always receives the findings.
         watch_options: `every`, `probe_every`, `flush_every`, as for `gw.watch`.
 
-    `watcher` is the open `gw.Watcher` while fitting (None before and after).
+    `watchers` are the open `gw.Watcher`s while fitting, one per optimizer (empty before and
+    after); `watcher` is the first.
     """
 
     def __init__(
@@ -55,17 +65,24 @@ class GradwatchCallback(_lightning.Callback):
         self.guards = list(guards)
         self.sinks = list(sinks)
         self.watch_options = watch_options
-        self.watcher: gw.Watcher | None = None
+        self.watchers: list[gw.Watcher] = []
         self._clip_val: float | None = None
         self._logged_step = 0
 
+    @property
+    def watcher(self) -> gw.Watcher | None:
+        return self.watchers[0] if self.watchers else None
+
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         optimizers = list(trainer.optimizers)
-        if len(optimizers) != 1:
-            raise ValueError(
-                f"GradwatchCallback watches a LightningModule with one optimizer; this one "
-                f"configures {len(optimizers)}. Several optimizers are not supported yet"
-            )
+        owners = [_owner(pl_module, o) if len(optimizers) > 1 else pl_module for o in optimizers]
+        for i, owner in enumerate(owners):
+            for j, other in enumerate(owners[:i]):
+                if _shares(owner, other):
+                    raise ValueError(
+                        f"optimizers #{j} and #{i} update parameters of one submodule; "
+                        "GradwatchCallback watches each optimizer on a submodule of its own"
+                    )
         guards = list(self.guards)
         if trainer.gradient_clip_val:
             self._clip_val = trainer.gradient_clip_val
@@ -73,30 +90,51 @@ class GradwatchCallback(_lightning.Callback):
             clip = gw.guards.ClipValue if algorithm.endswith("value") else gw.guards.ClipNorm
             guards.insert(0, clip(self._clip_val))
             trainer.gradient_clip_val = None  # gradwatch clips, right after it records the step
-        self.watcher = gw.watch(
-            pl_module,
-            optimizers[0],
-            run_dir=self.run_dir,
-            guards=guards,
-            sinks=[gw.sinks.Logger("lightning.pytorch"), *self.sinks],
-            **self.watch_options,
-        )
+        base = None if self.run_dir is None else Path(self.run_dir)
+        for i, (owner, optimizer) in enumerate(zip(owners, optimizers, strict=True)):
+            run_dir = base if base is None or i == 0 else Path(f"{base}-optimizer{i}")
+            self.watchers.append(
+                gw.watch(
+                    owner,
+                    optimizer,
+                    run_dir=run_dir,
+                    guards=guards if i == 0 else copy.deepcopy(self.guards),  # unused yet
+                    sinks=[gw.sinks.Logger("lightning.pytorch"), *self.sinks],
+                    **self.watch_options,
+                )
+            )
         self._logged_step = trainer.global_step
 
     def on_train_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self.watcher is None or trainer.global_step == self._logged_step:
+        if not self.watchers or trainer.global_step == self._logged_step:
             return  # no optimizer step in this batch (gradient accumulation)
         self._logged_step = trainer.global_step
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if loss is not None:
-            self.watcher.log(loss=loss.detach())
+            for watcher in self.watchers:
+                watcher.log(loss=loss.detach())
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         if self._clip_val is not None:
             trainer.gradient_clip_val = self._clip_val
             self._clip_val = None
-        if self.watcher is not None:
-            self.watcher.close()
-            self.watcher = None
+        for watcher in self.watchers:
+            watcher.close()
+        self.watchers = []
+
+
+def _owner(module: nn.Module, optimizer: Any) -> nn.Module:
+    """The smallest submodule of `module` that holds every parameter `optimizer` updates."""
+    wanted = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    best, size = module, sum(1 for _ in module.parameters())
+    for _, sub in module.named_modules():
+        held = {id(p) for p in sub.parameters()}
+        if wanted <= held and len(held) < size:
+            best, size = sub, len(held)
+    return best
+
+
+def _shares(a: nn.Module, b: nn.Module) -> bool:
+    return bool({id(p) for p in a.parameters()} & {id(p) for p in b.parameters()})
