@@ -137,11 +137,8 @@ class TwoNets(L.LightningModule):
         g_opt.step()
 
     def on_before_optimizer_step(self, optimizer):
-        index = (
-            self.optimizers().index(optimizer)
-            if False
-            else [o.optimizer for o in self.optimizers()].index(optimizer)
-        )
+        # Lightning passes the torch optimizer; self.optimizers() wraps each one
+        index = [o.optimizer for o in self.optimizers()].index(optimizer)
         owner = (self.generator, self.critic)[index]
         total = torch.linalg.vector_norm(
             torch.stack([p.grad.norm() for p in owner.parameters() if p.grad is not None])
