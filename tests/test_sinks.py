@@ -98,7 +98,7 @@ def test_mlflow_local_run_receives_metrics_and_each_finding_once(tmp_path, monke
     # A local file store: the tracking client alone (mlflow-skinny) has no database backend, and
     # MLflow 3 asks to opt in to the file store.
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())
+    mlflow.set_tracking_uri((tmp_path / "mlruns").as_uri())  # whatever ran before set
     with mlflow.start_run() as active:
         train_dead_layer(tmp_path / "run", sinks=[gw.sinks.MLflow()])
     client = mlflow.MlflowClient()
