@@ -141,16 +141,6 @@ def test_ddp_nan_in_one_ranks_input_names_module_step_and_rank(ddp_run):
     assert results[1]["findings"] == []  # findings live on rank 0, which writes the store
 
 
-def test_ddp_nan_in_one_ranks_gradient_skips_on_every_rank(ddp_run, tmp_path):
-    out, results = ddp_run
-    assert results[0]["skip_params"] == results[1]["skip_params"]
-    reference = make_model()
-    train(reference, tmp_path / "ref", guards=[gw.guards.SkipNonFinite()], poison_grad=(2, 0))
-    _assert_parameters_equal(results[0]["skip_params"], full_parameters(reference))
-    (event,) = gw.open_run(out / "ddp-skip").events
-    assert (event.kind, event.step) == ("skip", 2)
-
-
 def test_ddp_gradient_accumulation_with_no_sync_counts_optimizer_steps(ddp_run, single_process):
     out, results = ddp_run
     assert [r["accumulate_steps"] for r in results] == [5, 5]
@@ -180,14 +170,15 @@ def test_fsdp2_clipping_guards_give_the_single_process_parameters(fsdp2_run, tmp
     assert 6 in clipped  # the spike was clipped, on both ranks alike
 
 
-def test_fsdp2_nan_in_one_ranks_shard_skips_on_every_rank(fsdp2_run, tmp_path):
-    out, results = fsdp2_run
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_nan_in_one_ranks_gradient_skips_on_every_rank(strategy, request, tmp_path):
+    out, results = request.getfixturevalue(f"{strategy}_run")
     assert results[0]["skip_params"] == results[1]["skip_params"]
+    assert all(np.isfinite(np.asarray(p)).all() for p in results[1]["skip_params"].values())
     reference = make_model()
     train(reference, tmp_path / "ref", guards=[gw.guards.SkipNonFinite()], poison_grad=(2, 0))
     _assert_parameters_equal(results[0]["skip_params"], full_parameters(reference))
-    assert all(np.isfinite(np.asarray(p)).all() for p in results[1]["skip_params"].values())
-    events = gw.open_run(out / "fsdp2-skip").events
+    events = gw.open_run(out / f"{strategy}-skip").events
     assert [(e.kind, e.step) for e in events] == [("skip", 2)]
 
 

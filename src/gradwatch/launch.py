@@ -41,6 +41,7 @@ from torch.optim.optimizer import (
 )
 
 import gradwatch as gw
+from gradwatch.integrations.settings import optimizer_run_dir
 
 logger = logging.getLogger("gradwatch")
 _DISTRIBUTED = torch.distributed.is_available()
@@ -82,9 +83,6 @@ class WatchOptions:
         gw.WatchConfig(str(self.run_dir), self.every, self.probe_every, self.flush_every)
         for spec in self.guards:
             make_guard(spec)
-
-    def run_dir_for(self, index: int) -> Path:
-        return self.run_dir if index == 0 else Path(f"{self.run_dir}-optimizer{index}")
 
 
 def default_run_dir(script: str | Path) -> Path:
@@ -189,7 +187,7 @@ class ScriptWatcher:
             watcher = gw.watch(
                 model,
                 optimizer,
-                run_dir=options.run_dir_for(index),
+                run_dir=optimizer_run_dir(options.run_dir, index),
                 every=options.every,
                 probe_every=options.probe_every,
                 flush_every=options.flush_every,

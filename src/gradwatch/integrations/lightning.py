@@ -28,7 +28,6 @@ once each, and to the run store. Needs `lightning` (`pip install 'gradwatch[ligh
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,7 @@ from torch import nn
 
 import gradwatch as gw
 from gradwatch.extras import optional
+from gradwatch.integrations.settings import WatchSettings
 
 _lightning = optional("lightning.pytorch", "gradwatch's Lightning callback")
 
@@ -61,10 +61,7 @@ class GradwatchCallback(_lightning.Callback):
         sinks: Iterable[Any] = (),
         **watch_options: Any,
     ) -> None:
-        self.run_dir = run_dir
-        self.guards = list(guards)
-        self.sinks = list(sinks)
-        self.watch_options = watch_options
+        self.settings = WatchSettings(run_dir, guards, sinks, watch_options)
         self.watchers: list[gw.Watcher] = []
         self._clip_val: float | None = None
         self._logged_step = 0
@@ -83,26 +80,17 @@ class GradwatchCallback(_lightning.Callback):
                         f"optimizers #{j} and #{i} update parameters of one submodule; "
                         "GradwatchCallback watches each optimizer on a submodule of its own"
                     )
-        guards = list(self.guards)
+        clipping = []
         if trainer.gradient_clip_val:
             self._clip_val = trainer.gradient_clip_val
             algorithm = str(trainer.gradient_clip_algorithm or "norm").lower()
             clip = gw.guards.ClipValue if algorithm.endswith("value") else gw.guards.ClipNorm
-            guards.insert(0, clip(self._clip_val))
+            clipping.append(clip(self._clip_val))
             trainer.gradient_clip_val = None  # gradwatch clips, right after it records the step
-        base = None if self.run_dir is None else Path(self.run_dir)
-        for i, (owner, optimizer) in enumerate(zip(owners, optimizers, strict=True)):
-            run_dir = base if base is None or i == 0 else Path(f"{base}-optimizer{i}")
-            self.watchers.append(
-                gw.watch(
-                    owner,
-                    optimizer,
-                    run_dir=run_dir,
-                    guards=guards if i == 0 else copy.deepcopy(self.guards),  # unused yet
-                    sinks=[gw.sinks.Logger("lightning.pytorch"), *self.sinks],
-                    **self.watch_options,
-                )
-            )
+        self.watchers = [
+            self.settings.watch(owner, optimizer, "lightning.pytorch", i, clipping)
+            for i, (owner, optimizer) in enumerate(zip(owners, optimizers, strict=True))
+        ]
         self._logged_step = trainer.global_step
 
     def on_train_batch_end(

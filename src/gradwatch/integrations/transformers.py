@@ -24,6 +24,7 @@ from typing import Any
 
 import gradwatch as gw
 from gradwatch.extras import optional
+from gradwatch.integrations.settings import WatchSettings
 
 _transformers = optional("transformers", "gradwatch's Hugging Face Trainer callback")
 
@@ -47,29 +48,23 @@ class GradwatchCallback(_transformers.TrainerCallback):
         sinks: Iterable[Any] = (),
         **watch_options: Any,
     ) -> None:
-        self.run_dir = run_dir
-        self.guards = list(guards)
-        self.sinks = list(sinks)
-        self.watch_options = watch_options
+        self.settings = WatchSettings(run_dir, guards, sinks, watch_options)
         self.watcher: gw.Watcher | None = None
         self._max_grad_norm: float | None = None
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs) -> None:
         if model is None or optimizer is None:
             raise ValueError("GradwatchCallback needs the Trainer's model and optimizer")
-        guards = list(self.guards)
+        clipping = []
         if args.max_grad_norm is not None and args.max_grad_norm > 0:
             self._max_grad_norm = args.max_grad_norm
-            guards.insert(0, gw.guards.ClipNorm(args.max_grad_norm))
+            clipping.append(gw.guards.ClipNorm(args.max_grad_norm))
             args.max_grad_norm = 0.0  # gradwatch clips, right after it records the step
-        logger = optional("transformers.trainer", "GradwatchCallback").logger
-        self.watcher = gw.watch(
+        self.watcher = self.settings.watch(
             model,
             getattr(optimizer, "optimizer", optimizer),  # under accelerate's wrapper
-            run_dir=self.run_dir,
-            guards=guards,
-            sinks=[gw.sinks.Logger(logger), *self.sinks],
-            **self.watch_options,
+            "transformers.trainer",
+            clipping=clipping,
         )
 
     def on_log(self, args, state, control, logs=None, **kwargs) -> None:
