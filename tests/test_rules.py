@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -153,3 +154,46 @@ def test_healthy_models_have_no_problem_findings(tmp_path, name):
                 w.log(loss=work.step())
         found = w.findings()
     assert not [f for f in found if f.kind in PROBLEMS], [str(f) for f in found]
+
+
+def train_binary(model, tmp_path, steps=200, lr=1e-2):
+    """Adam with BCE on an easy task (the label is the sign of the first input)."""
+    optimizer = torch.optim.Adam((p for p in model.parameters() if p.requires_grad), lr=lr)
+    with gw.watch(model, optimizer, run_dir=tmp_path / "run", flush_every=20) as w:
+        for _ in range(steps):
+            x = torch.randn(64, 8)
+            y = (x[:, :1] > 0).float()
+            loss = nn.functional.binary_cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return w.findings(), loss.item()
+
+
+def last_recorded(run, stat, module):
+    values = run.series(stat)[:, run.modules.index(module)]
+    return values[np.isfinite(values)][-1]
+
+
+def test_a_confident_sigmoid_output_layer_is_not_saturation(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 1), nn.Sigmoid())
+    findings, loss = train_binary(model, tmp_path)
+    run = gw.open_run(tmp_path / "run")
+    # The temptation is real: the output sits at its bounds on most examples...
+    assert last_recorded(run, "saturated_frac", "3") > 0.5
+    assert loss < 0.1  # ...because the model is right and confident
+    assert findings == []
+
+
+def test_saturated_units_after_a_frozen_backbone_are_not_a_finding(tmp_path):
+    torch.manual_seed(0)
+    backbone = nn.Sequential(nn.Linear(8, 32), nn.Tanh())
+    with torch.no_grad():
+        backbone[0].weight.mul_(100.0)  # saturates the tanh; nothing before it trains
+    backbone.requires_grad_(False)
+    model = nn.Sequential(backbone, nn.Linear(32, 1), nn.Sigmoid())
+    findings, _ = train_binary(model, tmp_path, steps=60)
+    run = gw.open_run(tmp_path / "run")
+    assert last_recorded(run, "saturated_frac", "0.1") > 0.9
+    assert kinds(findings, "saturation") == []

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,22 @@ def wandb_records(path: Path):
             parts = []
 
 
+def finished_wandb_records(path: Path, timeout_s: float = 30.0) -> list:
+    """The records of an offline run once its service has written the final `exit` record
+    (`run.finish()` can return before the wandb service has flushed the file)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            records = list(wandb_records(path))
+            if any(r.WhichOneof("record_type") == "exit" for r in records):
+                return records
+        except Exception:  # a record still being written does not parse yet
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"the offline W&B run {path} had no exit record after {timeout_s} s")
+        time.sleep(0.2)
+
+
 def test_spread_keeps_first_and_last_and_bounds_the_count():
     assert spread(5, 16) == [0, 1, 2, 3, 4]
     chosen = spread(100, 16)
@@ -53,7 +70,7 @@ def test_wandb_offline_run_receives_metrics_and_each_finding_once(tmp_path, monk
         run.finish()
     (path,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
     history, alerts, findings = {}, [], None
-    for record in wandb_records(path):
+    for record in finished_wandb_records(path):
         kind = record.WhichOneof("record_type")
         if kind == "history":
             row = {

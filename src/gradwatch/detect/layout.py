@@ -34,6 +34,20 @@ class ModelLayout:
                 return earlier
         return column
 
+    def starves_training(self, column: int) -> bool:
+        """Whether units stuck at 0 or at a bound in module `column` cost the model learning.
+
+        They do when the module is a hidden activation (a layer with parameters follows it in
+        forward order) and a trainable parameter lies upstream (at it or before it in forward
+        order, or in a module gradwatch does not probe): its gradient passes through them. They
+        do not at the model's output (a confident sigmoid output under BCE still passes the
+        gradient p − y to its logit) nor after a frozen backbone with nothing trainable before.
+        """
+        hidden = any(self.owns_parameters[c] for c in range(column + 1, len(self.modules)))
+        position = {name: c for c, name in enumerate(self.modules)}
+        upstream = any(position.get(m, -1) <= column for m in self.tensor_modules)
+        return hidden and upstream
+
     def layer_columns(self) -> list[int]:
         """Module columns that own parameters, in forward order."""
         return [i for i, owns in enumerate(self.owns_parameters) if owns]

@@ -297,8 +297,12 @@ def _persistent(
 
 
 def dead_units(block: StatsBlock, layout: ModelLayout, memory: Memory) -> list[Finding]:
-    """A ReLU-family activation whose units output 0 for whole batches, step after step."""
-    columns = [c for c, z in enumerate(layout.zeroing) if z]
+    """A ReLU-family activation whose units output 0 for whole batches, step after step.
+
+    A problem only where it starves training (`ModelLayout.starves_training`): a hidden
+    activation with trainable parameters upstream; never at the model's output.
+    """
+    columns = [c for c, z in enumerate(layout.zeroing) if z and layout.starves_training(c)]
     findings = []
     for c, first, last, share in _persistent(block, "dead_frac", columns, DEAD_FRAC, memory):
         layer = layout.feeding_layer(c)
@@ -330,8 +334,13 @@ def dead_units(block: StatsBlock, layout: ModelLayout, memory: Memory) -> list[F
 
 
 def saturation(block: StatsBlock, layout: ModelLayout, memory: Memory) -> list[Finding]:
-    """A sigmoid/tanh-family activation with most outputs at its bounds, step after step."""
-    columns = [c for c, s in enumerate(layout.saturating) if s]
+    """A sigmoid/tanh-family activation with most outputs at its bounds, step after step.
+
+    A problem only where it starves training (`ModelLayout.starves_training`): a hidden
+    activation with trainable parameters upstream. A sigmoid output layer trained with BCE is
+    confident, not saturated in that sense: the gradient at its logit is p − y.
+    """
+    columns = [c for c, s in enumerate(layout.saturating) if s and layout.starves_training(c)]
     findings = []
     for c, first, last, share in _persistent(
         block, "saturated_frac", columns, SATURATED_FRAC, memory
