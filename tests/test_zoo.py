@@ -1,0 +1,325 @@
+"""Healthy recipes people really train, each short enough for CI: gradwatch's defaults must raise
+no finding on any of them. Several are built to tempt a detector (named in each docstring)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import gradwatch as gw
+
+STEPS = 80
+
+
+def learnable_batch(batch: int, features: int, classes: int, generator: torch.Generator):
+    """Inputs and labels that a fixed random linear rule links, so training makes progress."""
+    rule = torch.randn(features, classes, generator=torch.Generator().manual_seed(7))
+    x = torch.randn(batch, features, generator=generator)
+    return x, (x @ rule).argmax(dim=1)
+
+
+def watch_training(model, optimizer, tmp_path, step, steps=STEPS, **watch_options):
+    """Run `step(i)` (which does forward, backward and the update) under gw.watch defaults;
+    returns the findings."""
+    with gw.watch(model, optimizer, run_dir=tmp_path / "run", **watch_options) as w:
+        for i in range(steps):
+            loss = step(i)
+            if loss is not None:
+                w.log(loss=loss)
+    return w.findings()
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(x + self.bn2(self.conv2(h)))
+
+
+def test_residual_cnn_with_batchnorm_and_sgd_momentum(tmp_path):
+    """Tempts dead_units (ReLUs after BatchNorm) and vanishing (a deep conv stack)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        *[ResidualBlock(16) for _ in range(3)],
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4),
+    )  # fmt: skip
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    generator = torch.Generator().manual_seed(1)
+
+    def step(i):
+        x = torch.randn(16, 3, 12, 12, generator=generator)
+        y = (x.mean(dim=(1, 2, 3)) > 0).long() + 2 * (x[:, 0].mean(dim=(1, 2)) > 0).long()
+        loss = nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    assert watch_training(model, optimizer, tmp_path, step) == []
+
+
+class LanguageModel(nn.Module):
+    def __init__(self, vocab: int = 20, width: int = 32) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.lstm = nn.LSTM(width, width, num_layers=2, batch_first=True)
+        self.head = nn.Linear(width, vocab)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.lstm(self.embed(tokens))[0])
+
+
+def test_lstm_language_model_with_clipping(tmp_path):
+    """Tempts saturation (the LSTM's gates are sigmoids inside) and spike (clipped steps)."""
+    torch.manual_seed(0)
+    model = LanguageModel()
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    text = torch.arange(200) % 7 + (torch.arange(200) // 7) % 3  # a repeating pattern
+
+    def step(i):
+        start = (i * 5) % 150
+        tokens = torch.stack([text[start + k : start + k + 21] for k in range(8)])
+        logits = model(tokens[:, :-1])
+        loss = nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    findings = watch_training(model, optimizer, tmp_path, step, guards=[gw.guards.ClipNorm(1.0)])
+    assert findings == []
+
+
+def warmup_cosine(optimizer, warmup: int, total: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def test_transformer_with_warmup_and_cosine(tmp_path):
+    """Tempts exploding and spike: the gradient norm moves a lot while the lr ramps up from ~0."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.1, batch_first=True)
+    encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+    model = nn.Sequential(nn.Linear(8, 32), encoder, nn.Linear(32, 3))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+    schedule = warmup_cosine(optimizer, warmup=20, total=STEPS)
+    generator = torch.Generator().manual_seed(1)
+
+    def step(i):
+        x = torch.randn(8, 10, 8, generator=generator)
+        y = (x[:, :, 0] > 0).long() + (x[:, :, 1] > 1).long()
+        loss = nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        return loss
+
+    assert watch_training(model, optimizer, tmp_path, step) == []
+
+
+def mlp(width: int = 64) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Linear(16, width), nn.GELU(), nn.LayerNorm(width), nn.Linear(width, width), nn.GELU(),
+        nn.Linear(width, 4),
+    )  # fmt: skip
+
+
+def test_bf16_autocast(tmp_path):
+    """Tempts nonfinite and vanishing: bf16 rounds small values."""
+    torch.manual_seed(0)
+    model = mlp()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    generator = torch.Generator().manual_seed(1)
+
+    def step(i):
+        x, y = learnable_batch(32, 16, 4, generator)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    assert watch_training(model, optimizer, tmp_path, step) == []
+
+
+def test_fp16_with_gradscaler_and_its_skipped_steps(tmp_path):
+    """Tempts nonfinite: GradScaler starts at a loss scale that overflows fp16, finds inf
+    gradients and skips those steps itself (the optimizer's step() is not called)."""
+    torch.manual_seed(0)
+    model = mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**24)
+    generator = torch.Generator().manual_seed(1)
+    skipped = 0
+
+    def step(i):
+        nonlocal skipped
+        x, y = learnable_batch(32, 16, 4, generator)
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        scaler.scale(loss).backward()
+        scale = scaler.get_scale()
+        scaler.step(optimizer)
+        scaler.update()
+        skipped += scaler.get_scale() < scale
+        return loss
+
+    findings = watch_training(model, optimizer, tmp_path, step)
+    assert skipped > 0  # the temptation happened
+    assert findings == []
+
+
+def test_gradient_accumulation(tmp_path):
+    """Tempts spike and exploding: four micro-batches per update."""
+    torch.manual_seed(0)
+    model = mlp()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    generator = torch.Generator().manual_seed(1)
+
+    def step(i):
+        optimizer.zero_grad()
+        total = 0.0
+        for _ in range(4):
+            x, y = learnable_batch(8, 16, 4, generator)
+            loss = nn.functional.cross_entropy(model(x), y) / 4
+            loss.backward()
+            total += loss.detach()
+        optimizer.step()
+        return total
+
+    assert watch_training(model, optimizer, tmp_path, step) == []
+
+
+def test_frozen_backbone_with_a_trained_head(tmp_path):
+    """Tempts vanishing (no gradient in the backbone) and dead_units (a random frozen ReLU)."""
+    torch.manual_seed(0)
+    backbone = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU())
+    backbone.requires_grad_(False)
+    model = nn.Sequential(backbone, nn.Linear(64, 4))
+    optimizer = torch.optim.Adam(model[1].parameters(), lr=1e-2)
+    generator = torch.Generator().manual_seed(1)
+
+    def step(i):
+        x, y = learnable_batch(32, 16, 4, generator)
+        loss = nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    assert watch_training(model, optimizer, tmp_path, step) == []
+
+
+class Recommender(nn.Module):
+    def __init__(self, items: int = 500, width: int = 16) -> None:
+        super().__init__()
+        self.items = nn.EmbeddingBag(items, width, mode="mean")
+        self.tower = nn.Sequential(nn.Linear(width, 32), nn.ReLU(), nn.Linear(32, 1))
+
+    def forward(self, bags: torch.Tensor) -> torch.Tensor:
+        return self.tower(self.items(bags)).squeeze(1)
+
+
+def test_embedding_bag_recommender(tmp_path):
+    """Tempts vanishing: each embedding row gets gradient only when its item appears."""
+    torch.manual_seed(0)
+    model = Recommender()
+    optimizer = torch.optim.Adagrad(model.parameters(), lr=0.05)
+    generator = torch.Generator().manual_seed(1)
+    taste = torch.randn(500, generator=torch.Generator().manual_seed(3))
+
+    def step(i):
+        bags = torch.randint(0, 500, (64, 6), generator=generator)
+        clicked = (taste[bags].mean(dim=1) > 0).float()
+        loss = nn.functional.binary_cross_entropy_with_logits(model(bags), clicked)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    assert watch_training(model, optimizer, tmp_path, step) == []
+
+
+def test_confident_softmax_classifier_trained_to_convergence(tmp_path):
+    """Tempts vanishing: a converged model's gradients shrink towards 0 everywhere."""
+    torch.manual_seed(0)
+    model = mlp()
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(1)
+    x, y = learnable_batch(64, 16, 4, generator)
+
+    def step(i):
+        loss = nn.functional.cross_entropy(model(x), y)  # the same batch: it converges
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    findings = watch_training(model, optimizer, tmp_path, step, steps=200)
+    assert findings == []
+
+
+def test_adam_on_a_real_small_dataset(tmp_path):
+    """scikit-learn's digits, an MLP with Adam: the plainest healthy run."""
+    datasets = pytest.importorskip("sklearn.datasets")
+    data = datasets.load_digits()
+    x = torch.tensor(data.data, dtype=torch.float32) / 16.0
+    y = torch.tensor(data.target)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(),
+                          nn.Linear(64, 10))  # fmt: skip
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    generator = torch.Generator().manual_seed(1)
+
+    def step(i):
+        index = torch.randint(0, len(x), (64,), generator=generator)
+        loss = nn.functional.cross_entropy(model(x[index]), y[index])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    assert watch_training(model, optimizer, tmp_path, step, steps=150) == []
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "bert"])
+def test_hugging_face_models_with_adamw_and_warmup(tmp_path, family):
+    """Tempts saturation/dead units (GELU/SiLU MLPs, softmax attention) and spike (warm-up);
+    BERT trains on padded batches."""
+    from test_gradcheck import hugging_face_model
+
+    model = hugging_face_model(family)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+    schedule = warmup_cosine(optimizer, warmup=10, total=60)
+    generator = torch.Generator().manual_seed(1)
+
+    def step(i):
+        ids = torch.randint(3, 100, (4, 12), generator=generator)
+        ids[0, 8:] = 0  # padding
+        mask = (ids != 0).long()
+        labels = ids.masked_fill(ids == 0, -100)
+        out = model(input_ids=ids, attention_mask=mask, labels=labels)
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+        schedule.step()
+        return out.loss
+
+    assert watch_training(model, optimizer, tmp_path, step, steps=60) == []
