@@ -323,3 +323,31 @@ def test_hugging_face_models_with_adamw_and_warmup(tmp_path, family):
         return out.loss
 
     assert watch_training(model, optimizer, tmp_path, step, steps=60) == []
+
+
+def test_warm_restarts_and_a_new_data_phase(tmp_path):
+    """Tempts spike: SGDR restarts jump the lr back up, and at step 60 the data changes for good
+    (a harder phase with larger inputs): the gradient norm moves to a new level and stays there,
+    which is a change of regime, not a transient spike."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 4))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(optimizer, T_0=20)
+    generator = torch.Generator().manual_seed(1)
+
+    def step(i):
+        x, y = learnable_batch(32, 16, 4, generator)
+        if i >= 60:
+            x = x * 8 + 2  # the new phase
+        loss = nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        return loss
+
+    findings = watch_training(model, optimizer, tmp_path, step, steps=140)
+    run = gw.open_run(tmp_path / "run")
+    norms = run.series("global_grad_norm")
+    assert norms[70:].mean() > 2 * norms[40:60].mean()  # the temptation happened
+    assert findings == []
