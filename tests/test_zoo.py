@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -350,4 +351,30 @@ def test_warm_restarts_and_a_new_data_phase(tmp_path):
     run = gw.open_run(tmp_path / "run")
     norms = run.series("global_grad_norm")
     assert norms[70:].mean() > 2 * norms[40:60].mean()  # the temptation happened
+    assert findings == []
+
+
+def test_sparse_relu_head(tmp_path):
+    """Tempts dead_units: a ReLU layer biased to fire rarely (each unit on a few examples of a
+    batch), which is sparse, not dead: every unit still fires on some examples."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 4))
+    with torch.no_grad():
+        model[0].bias.fill_(-0.8)  # about 8% of the outputs are positive
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    generator = torch.Generator().manual_seed(1)
+
+    def step(i):
+        x, y = learnable_batch(64, 16, 4, generator)
+        loss = nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    findings = watch_training(model, optimizer, tmp_path, step)
+    run = gw.open_run(tmp_path / "run")
+    outputs = model[1](model[0](torch.randn(64, 16)))
+    assert (outputs > 0).float().mean() < 0.2  # sparse indeed
+    assert np.nanmax(run.series("dead_frac")[:, run.modules.index("1")]) < 0.5
     assert findings == []

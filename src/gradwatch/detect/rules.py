@@ -68,7 +68,14 @@ def depth_profile(block: StatsBlock, layout: ModelLayout) -> tuple[list[int], np
 
 
 def vanishing(block: StatsBlock, layout: ModelLayout, memory: Memory) -> list[Finding]:
-    """The gradient scale falls by DEPTH_ORDERS or more from the last layer to the first."""
+    """The gradient scale falls by DEPTH_ORDERS or more from the last layer to the first.
+
+    A real problem when the first layers barely learn compared with the last. The measure is
+    relative across depth (the block's median), so what scales every layer alike does not tempt
+    it: a converged run, a small or decaying learning rate. Layers whose gradient is not
+    measured do not count: frozen ones (no gradient, no signal past them) and those no loss
+    reaches; at least 3 measured layers are needed.
+    """
     measured = depth_profile(block, layout)
     if measured is None or measured[1][0] > -DEPTH_ORDERS:
         return []
@@ -120,7 +127,13 @@ def vanishing(block: StatsBlock, layout: ModelLayout, memory: Memory) -> list[Fi
 
 def exploding(block: StatsBlock, layout: ModelLayout, memory: Memory) -> list[Finding]:
     """The gradient scale grows by DEPTH_ORDERS or more from the last layer to the first, or the
-    global norm climbs GLOBAL_GROWTH-fold above its level in the run's first block."""
+    global norm climbs GLOBAL_GROWTH-fold above its level in the run's first block.
+
+    A real problem when the gradient multiplies through depth (relative across layers, like
+    `vanishing`) or grows by three orders over the run: both judged on a whole block's median,
+    so a warm-up from a learning rate near 0, a restart or a single outlier batch (that is
+    `spike`) does not reach them.
+    """
     findings = []
     measured = depth_profile(block, layout)
     if measured is not None and measured[1][0] >= DEPTH_ORDERS:
@@ -179,7 +192,13 @@ def exploding(block: StatsBlock, layout: ModelLayout, memory: Memory) -> list[Fi
 def nonfinite(block: StatsBlock, layout: ModelLayout, memory: Memory) -> list[Finding]:
     """The first step where a module output (forward) or a gradient (backward) is NaN/Inf, and
     the module where it started: the first flagged module in forward order, or in backward the
-    module after the last layer (in forward order) whose parameter gradients are non-finite."""
+    module after the last layer (in forward order) whose parameter gradients are non-finite.
+
+    A real problem when NaN/Inf reach a recorded step: the optimizer was asked to apply them.
+    Steps that `torch.amp.GradScaler` skips on purpose (its loss scale overflowed) never call
+    `optimizer.step()`, so gradwatch records nothing for them and raises nothing. Reported once
+    per run, at the first step.
+    """
     if memory.get("found"):
         return []
     flags = block.module_series("act_nonfinite")
