@@ -197,6 +197,16 @@ def scenario_bad_setup(out: Path, rank: int, world: int) -> dict:
         gw.watch(ddp(), None, run_dir=out / "taken")
     except (FileExistsError, RuntimeError) as exc:
         errors["taken"] = f"{type(exc).__name__}: {exc}"
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    tensor_parallel = parallelize_module(
+        make_model(), init_device_mesh("cpu", (world,)), {"0": ColwiseParallel()}
+    )
+    try:
+        gw.watch(tensor_parallel, None, run_dir=out / f"tp-{rank}")
+    except ValueError as exc:
+        errors["tensor_parallel"] = str(exc)
     return errors
 
 

@@ -199,6 +199,10 @@ def test_ranks_that_disagree_fail_at_watch_on_every_rank(tmp_path):
         assert "called differently on ranks [1]" in r["mismatch"]
     assert results[0]["taken"].startswith("FileExistsError: run_dir")
     assert results[1]["taken"].startswith("RuntimeError: gw.watch() failed on other ranks: rank 0")
+    for r in results:  # Shard(0) over every rank, like FSDP2, but tensor parallel
+        assert (
+            "tensor parallelism and other DTensor layouts are not supported" in r["tensor_parallel"]
+        )
 
 
 def test_report_summary_and_export_show_world_size_and_strategy(ddp_run, tmp_path, capsys):

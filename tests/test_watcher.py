@@ -279,3 +279,14 @@ def test_guards_act_on_the_closures_gradients(tmp_path):
             torch.stack([torch.linalg.vector_norm(p.grad) for p in model.parameters()])
         )
     assert clipped.item() == pytest.approx(1e-3, rel=1e-3)
+
+
+def test_a_deepspeed_engine_is_refused_clearly(tmp_path):
+    class DeepSpeedEngine(nn.Module):  # what deepspeed.initialize returns, by name
+        def __init__(self) -> None:
+            super().__init__()
+            self.module = small_mlp()
+
+    with pytest.raises(ValueError, match="DeepSpeed engines are not supported"):
+        gw.watch(DeepSpeedEngine(), run_dir=tmp_path / "r")
+    assert not (tmp_path / "r").exists()

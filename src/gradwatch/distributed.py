@@ -175,6 +175,12 @@ def topology(model: nn.Module) -> Topology:
     sharded = [p for p in params if is_dtensor(p)]
     if not sharded:
         return Topology("none", rank, world, backend, ranks)
+    if FSDPModule is None or not any(isinstance(m, FSDPModule) for m in model.modules()):
+        raise ValueError(
+            "the model has DTensor parameters but no FSDP2 module (fully_shard): tensor "
+            "parallelism and other DTensor layouts are not supported yet; gradwatch supports "
+            "DDP and FSDP2"
+        )
     if len(sharded) != len(params):
         raise ValueError(
             f"{len(params) - len(sharded)} trainable parameters are plain tensors while the rest "
