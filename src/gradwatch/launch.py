@@ -1,7 +1,8 @@
 """`gradwatch run SCRIPT [ARGS...]`: run an unmodified training script and watch what it trains.
 
 The script runs as `python SCRIPT ARGS` would run it (`__name__ == "__main__"`, `sys.argv`, its
-directory first on `sys.path`); its exit code and its exceptions pass through. While it runs:
+directory first on `sys.path`, its globals kept until the interpreter exits); its exit code and
+its exceptions pass through. While it runs:
 
 - global forward hooks note the outermost modules called (those not called from within another
   module's forward), until the first optimizer step; then they are removed;
@@ -23,10 +24,11 @@ the same script, and each optimizer's watcher is made on all ranks at the same s
 
 from __future__ import annotations
 
+import builtins
 import datetime
 import logging
-import runpy
 import sys
+import types
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -230,7 +232,7 @@ def run_script(script: str | Path, script_args: Sequence[str], options: WatchOpt
     watcher.install()
     code = 0
     try:
-        runpy.run_path(str(path), run_name="__main__")
+        _execute(path)
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
         if exc.code is not None and not isinstance(exc.code, int):
@@ -241,6 +243,29 @@ def run_script(script: str | Path, script_args: Sequence[str], options: WatchOpt
         watcher.close()
         _announce(watcher)
     return code
+
+
+# The scripts' modules, kept until the interpreter exits, as python keeps a script's globals:
+# freeing them as soon as the script returns destroyed a DDP Reducer, whose gloo process group
+# joins a thread that waits for the GIL held by the freeing thread (a hang seen under torchrun).
+_SCRIPTS: list[types.ModuleType] = []
+
+
+def _execute(path: Path) -> None:
+    """Run the script as `python SCRIPT` would: a fresh `__main__` module (also in sys.modules,
+    for pickling and spawned workers, while it runs) that outlives the run."""
+    module = types.ModuleType("__main__")
+    module.__file__ = str(path)
+    module.__builtins__ = builtins
+    _SCRIPTS.append(module)
+    code = compile(path.read_bytes(), str(path), "exec")
+    saved = sys.modules.get("__main__")
+    sys.modules["__main__"] = module
+    try:
+        exec(code, module.__dict__)
+    finally:
+        if saved is not None:
+            sys.modules["__main__"] = saved
 
 
 def _announce(script_watcher: ScriptWatcher) -> None:

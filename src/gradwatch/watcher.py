@@ -18,12 +18,8 @@ from __future__ import annotations
 import atexit
 import datetime
 import logging
-import platform
-import sqlite3
-import sys
 import weakref
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -36,17 +32,16 @@ from gradwatch.detect.findings import Finding
 from gradwatch.detect.layout import ModelLayout
 from gradwatch.distributed import (
     Topology,
-    agree,
     check_same_block,
     collective_device,
     mean_over_ranks,
-    module_class,
     process_group_alive,
     topology,
     unwrap,
 )
 from gradwatch.guards.base import Guard, GuardContext
 from gradwatch.inventory import Inventory
+from gradwatch.run_start import fingerprint, open_store, run_meta
 from gradwatch.sinks.base import Sink
 from gradwatch.stats.buffer import BlockBuffer, PendingBlock, StatsBlock
 from gradwatch.stats.flow import MODULE_STATS, ModuleProbes, combine_flags
@@ -57,7 +52,6 @@ from gradwatch.stats.grads import (
     combine_shards,
     global_norm,
 )
-from gradwatch.store import DiscardingWriter, RunWriter
 
 logger = logging.getLogger("gradwatch")
 
@@ -97,7 +91,12 @@ class Watcher:
         self.inventory = Inventory(model)
         topo = self._topology
         self._collective_device = collective_device(topo, self.inventory.device)
-        self._writer = self._open_store(config.run_dir)
+        self._writer = open_store(
+            topo,
+            config.run_dir,
+            fingerprint(config, self._guards, self.inventory),
+            self._collective_device,
+        )
         self.run_dir = Path(config.run_dir)
         self._sinks = list(sinks)
         self._statistics = GradStatistics(self.inventory, sharded=topo.sharded)
@@ -123,7 +122,7 @@ class Watcher:
         self._hooks: list[Any] = []
         self._closed = False
 
-        self._writer.write_meta(self._meta())
+        self._writer.write_meta(run_meta(model, optimizer, config, self.inventory, self._topology))
         self._writer.write_tensors(self.inventory.tensors)
         if self._guards:
             self._writer.block_listeners.append(self._guard_events)
@@ -421,51 +420,6 @@ class Watcher:
         self._block_steps.clear()
 
     # ---- set-up helpers ----------------------------------------------------------------------
-    def _open_store(self, run_dir: str) -> RunWriter | DiscardingWriter:
-        """The run store on global rank 0 (a writer that keeps nothing elsewhere), once every rank
-        agrees on the set-up: a failure on one rank raises on all of them."""
-        writer: RunWriter | DiscardingWriter = DiscardingWriter()
-        error: BaseException | None = None
-        if self._topology.writes:
-            try:
-                writer = RunWriter(run_dir)
-            except FileExistsError as exc:
-                error = exc
-            except (OSError, sqlite3.Error) as exc:
-                error = OSError(
-                    f"run_dir {run_dir!r} cannot be written ({exc}); "
-                    "pass a run_dir in a directory you can write to"
-                )
-                error.__cause__ = exc
-        try:
-            agree(self._topology, self._fingerprint(), error, self._collective_device)
-        except BaseException:
-            writer.close()
-            raise
-        return writer
-
-    def _fingerprint(self) -> str:
-        """What every rank must set up alike: schedule, guards and the watched names."""
-        config = self.config
-        guards = [
-            (
-                type(g).__name__,
-                sorted(
-                    (k, v)
-                    for k, v in vars(g).items()
-                    if not k.startswith("_") and isinstance(v, (int, float, str))
-                ),
-            )
-            for g in self._guards
-        ]
-        return repr(
-            (
-                (config.every, config.probe_every, config.flush_every),
-                guards,
-                [(t.name, t.shape) for t in self.inventory.tensors],
-            )
-        )
-
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("this Watcher is closed; call gw.watch() again to keep watching")
@@ -520,31 +474,6 @@ class Watcher:
                 logger.warning("gradwatch finding: %s", finding)
         for sink in self._sinks:
             sink.write_findings(findings)
-
-    def _meta(self) -> dict[str, Any]:
-        from gradwatch import __version__
-
-        model = self.model
-        return {
-            "config": asdict(self.config),
-            "model": {
-                "class": module_class(model).__name__,
-                "parameters": sum(p.numel() for p in model.parameters()),
-                "watched_parameters": sum(t.numel for t in self.inventory.tensors),
-                "repr": repr(model)[:20_000],
-            },
-            "optimizer": type(self.optimizer).__name__ if self.optimizer is not None else None,
-            "not_watched": self.inventory.skipped,
-            "device": str(self.inventory.device),
-            "distributed": self._topology.meta(),
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-            "versions": {
-                "gradwatch": __version__,
-                "torch": torch.__version__,
-                "python": sys.version.split()[0],
-                "platform": platform.platform(),
-            },
-        }
 
 
 def watch(
