@@ -33,6 +33,13 @@ def watch_training(model, optimizer, tmp_path, step, steps=STEPS, **watch_option
     return w.findings()
 
 
+def update(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+    """One plain update from `loss`."""
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+
+
 class ResidualBlock(nn.Module):
     def __init__(self, channels: int) -> None:
         super().__init__()
@@ -61,9 +68,7 @@ def test_residual_cnn_with_batchnorm_and_sgd_momentum(tmp_path):
         x = torch.randn(16, 3, 12, 12, generator=generator)
         y = (x.mean(dim=(1, 2, 3)) > 0).long() + 2 * (x[:, 0].mean(dim=(1, 2)) > 0).long()
         loss = nn.functional.cross_entropy(model(x), y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        update(optimizer, loss)
         return loss
 
     assert watch_training(model, optimizer, tmp_path, step) == []
@@ -92,9 +97,7 @@ def test_lstm_language_model_with_clipping(tmp_path):
         tokens = torch.stack([text[start + k : start + k + 21] for k in range(8)])
         logits = model(tokens[:, :-1])
         loss = nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        update(optimizer, loss)
         return loss
 
     findings = watch_training(model, optimizer, tmp_path, step, guards=[gw.guards.ClipNorm(1.0)])
@@ -124,9 +127,7 @@ def test_transformer_with_warmup_and_cosine(tmp_path):
         x = torch.randn(8, 10, 8, generator=generator)
         y = (x[:, :, 0] > 0).long() + (x[:, :, 1] > 1).long()
         loss = nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        update(optimizer, loss)
         schedule.step()
         return loss
 
@@ -151,9 +152,7 @@ def test_bf16_autocast(tmp_path):
         x, y = learnable_batch(32, 16, 4, generator)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = nn.functional.cross_entropy(model(x), y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        update(optimizer, loss)
         return loss
 
     assert watch_training(model, optimizer, tmp_path, step) == []
@@ -220,9 +219,7 @@ def test_frozen_backbone_with_a_trained_head(tmp_path):
     def step(i):
         x, y = learnable_batch(32, 16, 4, generator)
         loss = nn.functional.cross_entropy(model(x), y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        update(optimizer, loss)
         return loss
 
     assert watch_training(model, optimizer, tmp_path, step) == []
@@ -250,9 +247,7 @@ def test_embedding_bag_recommender(tmp_path):
         bags = torch.randint(0, 500, (64, 6), generator=generator)
         clicked = (taste[bags].mean(dim=1) > 0).float()
         loss = nn.functional.binary_cross_entropy_with_logits(model(bags), clicked)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        update(optimizer, loss)
         return loss
 
     assert watch_training(model, optimizer, tmp_path, step) == []
@@ -268,9 +263,7 @@ def test_confident_softmax_classifier_trained_to_convergence(tmp_path):
 
     def step(i):
         loss = nn.functional.cross_entropy(model(x), y)  # the same batch: it converges
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        update(optimizer, loss)
         return loss
 
     findings = watch_training(model, optimizer, tmp_path, step, steps=200)
@@ -292,9 +285,7 @@ def test_adam_on_a_real_small_dataset(tmp_path):
     def step(i):
         index = torch.randint(0, len(x), (64,), generator=generator)
         loss = nn.functional.cross_entropy(model(x[index]), y[index])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        update(optimizer, loss)
         return loss
 
     assert watch_training(model, optimizer, tmp_path, step, steps=150) == []
@@ -341,9 +332,7 @@ def test_warm_restarts_and_a_new_data_phase(tmp_path):
         if i >= 60:
             x = x * 8 + 2  # the new phase
         loss = nn.functional.cross_entropy(model(x), y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        update(optimizer, loss)
         schedule.step()
         return loss
 
@@ -367,9 +356,7 @@ def test_sparse_relu_head(tmp_path):
     def step(i):
         x, y = learnable_batch(64, 16, 4, generator)
         loss = nn.functional.cross_entropy(model(x), y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        update(optimizer, loss)
         return loss
 
     findings = watch_training(model, optimizer, tmp_path, step)
