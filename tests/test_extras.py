@@ -20,7 +20,9 @@ def test_import_gradwatch_imports_no_optional_extra():
         "import sys, gradwatch, gradwatch.sinks, gradwatch.integrations; "
         f"print([m for m in {sorted(EXTRAS)!r} if m in sys.modules])"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
     assert out.stdout.strip() == "[]"
 
 

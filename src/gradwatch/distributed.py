@@ -52,7 +52,6 @@ try:
 except ImportError:  # pragma: no cover - torch without FSDP2
     FSDPModule = None
 
-STRATEGIES: tuple[str, ...] = ("none", "ddp", "fsdp2")
 # A rank above this is named as this one in non-finite flags (2^-r must stay a normal float64).
 _MAX_NAMED_RANK = 1000
 

@@ -391,13 +391,14 @@ class Watcher:
             self._fix_layout()
         topo, names = self._topology, tuple(self._scalar_names)
         combine_tensors = combine_modules = combine_scalars = None
-        if topo.distributed and not process_group_alive():
-            raise RuntimeError(
-                f"the process group was destroyed before this watcher was closed: the last {n} "
-                "recorded steps cannot be combined across ranks and are lost. Close the watcher "
-                "(leave its `with` block) before torch.distributed.destroy_process_group()"
-            )
         if topo.distributed:  # every rank flushes the same steps: the collectives line up
+            if not process_group_alive():
+                raise RuntimeError(
+                    f"the process group was destroyed before this watcher was closed: the last "
+                    f"{n} recorded steps cannot be combined across ranks and are lost. Close the "
+                    "watcher (leave its `with` block) before "
+                    "torch.distributed.destroy_process_group()"
+                )
             union = check_same_block(topo, n, self._block_steps[0], names, self._collective_device)
             if topo.sharded:
                 combine_tensors = lambda block: combine_shards(block, topo.shards)  # noqa: E731

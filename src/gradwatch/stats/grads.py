@@ -105,7 +105,7 @@ class GradStatistics:
                 index, params = zip(*members, strict=True)
                 grads = [p.grad for p in params]
                 if self.sharded:
-                    params = [local_tensor(p.detach()) for p in params]
+                    params = self._params(params)
                     grads = [local_tensor(g) for g in grads]
                 groups.append(PresentGroup(index, list(params), grads))
         return groups
