@@ -9,6 +9,7 @@ from torch import nn
 
 import gradwatch as gw
 from gradwatch.stats.flow import MODULE_STATS
+from gradwatch.stats.through_time import TIME_STATS
 
 
 class Reordered(nn.Module):
@@ -56,6 +57,7 @@ def reference(model: Reordered, x: torch.Tensor, y: torch.Tensor) -> dict[str, d
             "saturated_frac": sat,
             "act_nonfinite": 0.0,
             "nonfinite_rank": np.nan,  # no output held NaN/Inf
+            **dict.fromkeys(TIME_STATS, np.nan),  # no recurrent module
         }
     return ref
 

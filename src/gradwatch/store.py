@@ -2,9 +2,11 @@
 
 Layout: `meta` (JSON values), `tensors` and `modules` (the inventory, in order), `blocks` (one row
 per flush: the steps and the statistics as compressed float32 arrays, never one row per number),
-`findings` and `events`. Every flushed block is committed in its own transaction before the next
-one, so a killed process leaves a store that opens and holds every committed block. Nothing is
-pickled: arrays are raw little-endian float32/int64 bytes, records are JSON.
+`arrays` (what probe steps record as arrays, e.g. the gradient through time: per block and name,
+[probe steps, columns, width]), `findings` and `events`. Every flushed block is committed in its
+own transaction before the next one, so a killed process leaves a store that opens and holds
+every committed block. Nothing is pickled: arrays are raw little-endian float32/int64 bytes,
+records are JSON.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from gradwatch.stats.grads import TENSOR_STATS
 logger = logging.getLogger("gradwatch")
 
 STORE_NAME = "run.sqlite"
-SCHEMA_VERSION = 1
+# 2: the `arrays` table (probe-step profiles and histograms); version 1 stores read as without.
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -50,6 +53,9 @@ CREATE TABLE IF NOT EXISTS findings (
     key TEXT PRIMARY KEY, kind TEXT NOT NULL, layer TEXT NOT NULL, step INTEGER NOT NULL,
     last_step INTEGER, severity TEXT NOT NULL, message TEXT NOT NULL, evidence TEXT NOT NULL,
     remedy TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS arrays (
+    block INTEGER NOT NULL, name TEXT NOT NULL, columns TEXT NOT NULL, n_steps INTEGER NOT NULL,
+    steps BLOB NOT NULL, width INTEGER NOT NULL, data BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY, kind TEXT NOT NULL, step INTEGER NOT NULL, guard TEXT NOT NULL,
     detail TEXT NOT NULL);
@@ -68,6 +74,13 @@ def _pack(array: np.ndarray, dtype: str) -> bytes:
 
 def _unpack(blob: bytes, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
     return np.frombuffer(zlib.decompress(blob), dtype=dtype).reshape(shape)
+
+
+def _trim_width(data: np.ndarray) -> np.ndarray:
+    """`data` [steps, columns, width] without the trailing positions that are NaN everywhere."""
+    recorded = ~np.isnan(data).all(axis=(0, 1))
+    width = int(np.flatnonzero(recorded)[-1]) + 1 if recorded.any() else 0
+    return data[:, :, :width]
 
 
 def _finding_key(f: Finding) -> str:
@@ -195,7 +208,7 @@ class RunWriter:
 
     def _insert_block(self, conn: sqlite3.Connection, pending: PendingBlock) -> None:
         block = pending.wait()
-        conn.execute(
+        cursor = conn.execute(
             "INSERT INTO blocks (first_step, n_steps, steps, tensor_stats, tensor_data, "
             "module_stats, module_data, scalar_names, scalar_data) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -210,6 +223,22 @@ class RunWriter:
                 json.dumps(block.scalar_names),
                 _pack(block.scalar_data, "<f4"),
             ),
+        )
+        conn.executemany(
+            "INSERT INTO arrays VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [
+                (
+                    cursor.lastrowid,
+                    name,
+                    json.dumps(array.columns),
+                    len(array.steps),
+                    _pack(array.steps, "<i8"),
+                    data.shape[2],
+                    _pack(data, "<f4"),
+                )
+                for name, array in block.arrays.items()
+                for data in [_trim_width(array.data)]
+            ],
         )
         conn.commit()  # the block is durable before any listener sees it
         for listener in self.block_listeners:
@@ -384,6 +413,40 @@ class Run:
                 f"scalars: {', '.join(self.scalar_names) or 'none'}"
             )
         return np.concatenate(parts)
+
+    def through_time(self) -> dict[str, np.ndarray]:
+        """Per recurrent module, ‖∂L/∂x_t‖ at each time step t of its input sequence:
+        [len(steps), time steps], NaN off probe steps and past a step's sequence length.
+        Empty for a model without recurrent modules (see `stats/through_time.py`)."""
+        columns, data = self.probe_array("grad_through_time")
+        return {name: data[:, c] for c, name in enumerate(columns)}
+
+    def probe_array(self, name: str) -> tuple[list[str], np.ndarray]:
+        """An array recorded on probe steps: its column names and [len(steps), columns, width],
+        NaN where it was not recorded."""
+        if not self._conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'arrays'"
+        ).fetchone():
+            return [], np.zeros((len(self.steps), 0, 0), dtype=np.float32)  # schema version 1
+        rows = self._conn.execute(
+            "SELECT columns, n_steps, steps, width, data FROM arrays "
+            "WHERE name = ? AND block <= ? ORDER BY block",
+            (name, self._last_block),
+        ).fetchall()
+        parts = []
+        names: dict[str, int] = {}
+        for columns, n, steps, width, blob in rows:
+            columns = json.loads(columns)
+            names.update((c, len(names)) for c in columns if c not in names)
+            data = _unpack(blob, "<f4", (n, len(columns), width))
+            parts.append((_unpack(steps, "<i8", (n,)), [names[c] for c in columns], data))
+        all_steps = self.steps
+        width = max((data.shape[2] for *_, data in parts), default=0)
+        out = np.full((len(all_steps), len(names), width), np.nan, dtype=np.float32)
+        for steps, columns, data in parts:
+            rows_at = np.searchsorted(all_steps, steps)
+            out[np.ix_(rows_at, columns, np.arange(data.shape[2]))] = data
+        return list(names), out
 
     @property
     def scalar_names(self) -> list[str]:

@@ -43,7 +43,7 @@ from gradwatch.guards.base import Guard, GuardContext
 from gradwatch.inventory import Inventory
 from gradwatch.run_start import fingerprint, open_store, run_meta
 from gradwatch.sinks.base import Sink
-from gradwatch.stats.buffer import BlockBuffer, PendingBlock, StatsBlock
+from gradwatch.stats.buffer import BlockBuffer, PendingBlock, ProbeArrays, StatsBlock
 from gradwatch.stats.flow import MODULE_STATS, ModuleProbes, combine_flags
 from gradwatch.stats.grads import (
     TENSOR_STATS,
@@ -52,10 +52,12 @@ from gradwatch.stats.grads import (
     combine_shards,
     global_norm,
 )
+from gradwatch.stats.through_time import TIME_STATS, TimeProbes
 
 logger = logging.getLogger("gradwatch")
 
 GLOBAL_GRAD_NORM = "global_grad_norm"
+GRAD_THROUGH_TIME = "grad_through_time"
 _watched_models: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 
@@ -103,6 +105,13 @@ class Watcher:
         self._module_probes = ModuleProbes(
             model, self.inventory.device, topo.ranks, topo.rank, topo.world_size
         )
+        self._time_probes = TimeProbes(model, self.inventory.device, topo.ranks, topo.world_size)
+        recurrent = [self._module_probes.names.index(n) for n in self._time_probes.names]
+        self._time_cells = (  # where the through-time summary goes in a module row
+            torch.tensor(recurrent, dtype=torch.long, device=self.inventory.device)[:, None],
+            torch.tensor([MODULE_STATS.index(n) for n in TIME_STATS], device=self.inventory.device),
+        )
+        self._probe_arrays = ProbeArrays()
         self._diagnosis: Diagnosis | None = None  # set up at the first flush, see _fix_layout
         self._module_order: Tensor | None = None
         self._announced: set[tuple[str, str]] = set()
@@ -225,6 +234,7 @@ class Watcher:
             handle.remove()
         self._hooks.clear()
         self._module_probes.detach()
+        self._time_probes.detach()
         self._snapshot = None
         _watched_models.discard(self.model)
         try:
@@ -245,6 +255,7 @@ class Watcher:
     # ---- the step path -----------------------------------------------------------------------
     def _attach(self) -> None:
         self._module_probes.attach()
+        self._time_probes.attach()
         if self.optimizer is not None:
             self._hooks.append(self.optimizer.register_step_pre_hook(self._before_update))
             self._hooks.append(self.optimizer.register_step_post_hook(self._after_update))
@@ -311,6 +322,11 @@ class Watcher:
         if row is not None:
             self._record_scalar(row, GLOBAL_GRAD_NORM, norm)
             self._module_probes.write(self._module_rows.data[row], probe)
+            if probe and self._time_probes.names:
+                profile = self._time_probes.write(self._module_rows.data[row], self._time_cells)
+                self._probe_arrays.add(
+                    GRAD_THROUGH_TIME, step, tuple(self._time_probes.names), profile
+                )
         return norm
 
     def _apply_guards(
@@ -367,6 +383,7 @@ class Watcher:
         (the forward of step s runs while the counter is s, with or without an optimizer)."""
         self._step = step
         self._module_probes.mode = 2 if self._probes(step) else 1 if self._records(step) else 0
+        self._time_probes.probe = self._probes(step)
 
     def _open_row(self, step: int) -> int:
         """The buffer row of `step`, flushing a full buffer first."""
@@ -416,6 +433,7 @@ class Watcher:
                 self._module_rows.take(n, order=self._module_order, combine=combine_modules),
                 names,
                 self._scalar_rows.take(n, width=len(self._scalar_names), combine=combine_scalars),
+                self._probe_arrays.take(),
             )
         )
         self._block_steps.clear()

@@ -14,6 +14,7 @@ import numpy as np
 
 from gradwatch.detect.findings import Finding
 from gradwatch.detect.layout import ModelLayout
+from gradwatch.detect.through_time import exploding_through_time, vanishing_through_time
 from gradwatch.stats.buffer import StatsBlock
 
 # vanishing / exploding: log10 of (gradient scale at the first layer / at the last layer).
@@ -481,4 +482,13 @@ def spike(block: StatsBlock, layout: ModelLayout, memory: Memory) -> list[Findin
     ]
 
 
-RULES = (vanishing, exploding, nonfinite, dead_units, saturation, spike)
+RULES = (
+    vanishing,
+    exploding,
+    vanishing_through_time,
+    exploding_through_time,
+    nonfinite,
+    dead_units,
+    saturation,
+    spike,
+)

@@ -1,5 +1,6 @@
 """Matplotlib figures of a run: gradient flow, layer x step heatmap, global norm with guard events,
-logged scalars, update-to-weight ratios and activation health.
+logged scalars, update-to-weight ratios and activation health; for models that have them, the
+gradient through time of recurrent modules.
 
 Every chart is `fn(data) -> Figure | None` (None when the run holds nothing to draw). Long runs and
 many layers are downsampled: at most MAX_POINTS step bins per line, MAX_COLUMNS x MAX_ROWS cells in
@@ -26,6 +27,7 @@ from gradwatch.report.data import ReportData
 MAX_POINTS = 1500
 MAX_COLUMNS = 400
 MAX_ROWS = 200
+MAX_RECURRENT = 4  # recurrent modules drawn in the gradient-through-time chart
 STYLE = {"figure.dpi": 100, "axes.grid": True, "grid.alpha": 0.3}
 
 
@@ -262,6 +264,25 @@ def activation_health(data: ReportData) -> Figure | None:
     return fig
 
 
+def through_time(data: ReportData) -> Figure | None:
+    """‖∂L/∂x_t‖ over the time steps of each recurrent module's input, early/middle/late."""
+    profiles = {name: p for name, p in data.through_time.items() if np.isfinite(p).any()}
+    if not profiles:
+        return None
+    shown = list(profiles.items())[:MAX_RECURRENT]
+    fig, axes = plt.subplots(1, len(shown), figsize=(6 * len(shown), 4), squeeze=False)
+    types = dict(zip(data.modules, data.module_types, strict=True))
+    for ax, (name, profile) in zip(axes[0], shown, strict=True):
+        for label, line in _windows(data, profile):
+            ax.plot(line, marker=".", label=label)
+        _log_scale(ax, profile)
+        ax.set_title(f"{_label(name)} ({types.get(name, '?')}): ‖∂L/∂x_t‖ (probe steps)")
+        ax.set_xlabel("time step of the input sequence (first left, last right)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 CHARTS: dict[str, tuple[str, Callable[[ReportData], Figure | None]]] = {
     "gradient_flow": ("Gradient flow", gradient_flow),
     "heatmap": ("Gradient norm, layer x step", grad_heatmap),
@@ -270,13 +291,17 @@ CHARTS: dict[str, tuple[str, Callable[[ReportData], Figure | None]]] = {
     "update_ratio": ("Update-to-weight ratio", update_ratios),
     "activation_health": ("Activation health", activation_health),
 }
+# Charts for what only some models have: shown when the run holds their data, else left out.
+OPTIONAL_CHARTS: dict[str, tuple[str, Callable[[ReportData], Figure | None]]] = {
+    "through_time": ("Gradient through time (recurrent modules)", through_time),
+}
 
 
 def render_png(data: ReportData) -> dict[str, bytes | None]:
     """Every chart of the run as PNG bytes, by id (None where the run holds nothing to draw)."""
     pngs: dict[str, bytes | None] = {}
     with plt.rc_context(STYLE):
-        for chart_id, (_, draw) in CHARTS.items():
+        for chart_id, (_, draw) in {**CHARTS, **OPTIONAL_CHARTS}.items():
             fig = draw(data)
             if fig is None:
                 pngs[chart_id] = None

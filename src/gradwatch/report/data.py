@@ -57,6 +57,10 @@ class ReportData:
         return self.run.events
 
     @cached_property
+    def through_time(self) -> dict[str, np.ndarray]:
+        return self.run.through_time()
+
+    @cached_property
     def scalar_names(self) -> list[str]:
         return self.run.scalar_names
 

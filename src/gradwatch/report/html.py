@@ -72,7 +72,9 @@ def _findings_html(data: ReportData) -> str:
 
 def _charts_html(pngs: dict[str, bytes | None]) -> str:
     parts = []
-    for chart_id, (title, _) in _charts().CHARTS.items():
+    charts = _charts()
+    shown = {**charts.CHARTS, **{k: v for k, v in charts.OPTIONAL_CHARTS.items() if pngs.get(k)}}
+    for chart_id, (title, _) in shown.items():
         png = pngs.get(chart_id)
         if png is None:
             parts.append(

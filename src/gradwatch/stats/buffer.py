@@ -8,7 +8,7 @@ host with one copy and resets them to NaN. Device memory: rows x prod(shape) x 4
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -74,15 +74,59 @@ class BlockBuffer:
             block = block.index_select(1, order)
         if combine is not None:
             block = combine(block)
-        if block.device.type == "cuda":
-            host = torch.empty(block.shape, dtype=block.dtype, pin_memory=True)
-            host.copy_(block, non_blocking=True)
-            done = torch.cuda.Event()
-            done.record()
-        else:
-            host, done = block.clone(), None
+        copy = host_copy(block)
         self.data.fill_(torch.nan)
+        return copy
+
+
+def host_copy(tensor: Tensor) -> HostCopy:
+    """Start copying `tensor` to the host: asynchronous from CUDA (pinned memory and an event),
+    a copy elsewhere, so that later writes to `tensor` do not reach it."""
+    if tensor.device.type == "cuda":
+        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        host.copy_(tensor, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
         return HostCopy(host, done)
+    return HostCopy(tensor.detach().clone(), None)
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeArray:
+    """Arrays recorded on probe steps only (profiles, histograms): `data` [len(steps), columns,
+    width] float32 on the host, NaN where nothing was recorded; `columns` name axis 1."""
+
+    steps: np.ndarray
+    columns: tuple[str, ...]
+    data: np.ndarray
+
+
+class ProbeArrays:
+    """Per-probe-step arrays [columns, width] waiting on the device for the next flush.
+
+    Probe steps are few, so each keeps its own tensor (no ring buffer sized for every step);
+    `take()` stacks each name's arrays and starts their copy to the host.
+    """
+
+    def __init__(self) -> None:
+        self._arrays: dict[str, list[tuple[int, Tensor]]] = {}
+        self._columns: dict[str, tuple[str, ...]] = {}
+
+    def add(self, name: str, step: int, columns: tuple[str, ...], array: Tensor) -> None:
+        self._columns[name] = columns
+        self._arrays.setdefault(name, []).append((step, array.float()))
+
+    def take(self) -> dict[str, tuple[list[int], tuple[str, ...], HostCopy]]:
+        taken = {
+            name: (
+                [s for s, _ in rows],
+                self._columns[name],
+                host_copy(torch.stack([a for _, a in rows])),
+            )
+            for name, rows in self._arrays.items()
+        }
+        self._arrays.clear()
+        return taken
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +144,7 @@ class StatsBlock:
     module_data: np.ndarray
     scalar_names: tuple[str, ...]
     scalar_data: np.ndarray
+    arrays: dict[str, ProbeArray] = field(default_factory=dict)
 
     def tensor_series(self, name: str) -> np.ndarray:
         """[steps, tensors] values of one per-tensor statistic."""
@@ -128,6 +173,7 @@ class PendingBlock:
     module_copy: HostCopy
     scalar_names: tuple[str, ...]
     scalar_copy: HostCopy
+    arrays: dict[str, tuple[list[int], tuple[str, ...], HostCopy]] = field(default_factory=dict)
 
     def wait(self) -> StatsBlock:
         return StatsBlock(
@@ -138,4 +184,8 @@ class PendingBlock:
             module_data=self.module_copy.wait(),
             scalar_names=self.scalar_names,
             scalar_data=self.scalar_copy.wait(),
+            arrays={
+                name: ProbeArray(np.asarray(steps, dtype=np.int64), columns, copy.wait())
+                for name, (steps, columns, copy) in self.arrays.items()
+            },
         )

@@ -23,6 +23,8 @@ channel axis for outputs of 4 or more dimensions):
                    Probe steps.
 - `nonfinite_rank` the lowest rank whose output held NaN/±Inf (0 in a single process); NaN when
                    no rank's did. With `act_nonfinite`.
+- `time_first_to_last`, `time_decay`, `time_reach`  recurrent modules only, probe steps: how far
+                   back in time the gradient reaches, see `through_time.py`.
 
 A step's statistics describe every forward pass of that step (gradient accumulation pools its
 micro-batches) and, in data-parallel training, the global batch: the hooks add summable partials
@@ -43,8 +45,11 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence
 
 from gradwatch.distributed import LOCAL, Reduction, lowest_rank, module_class, rank_code
+from gradwatch.stats.hooks import eager_unless_traced
+from gradwatch.stats.through_time import TIME_STATS
 
 MODULE_STATS: tuple[str, ...] = (
     "signal_norm",
@@ -54,6 +59,7 @@ MODULE_STATS: tuple[str, ...] = (
     "saturated_frac",
     "act_nonfinite",
     "nonfinite_rank",
+    *TIME_STATS,
 )
 (
     SIGNAL_NORM,
@@ -63,7 +69,7 @@ MODULE_STATS: tuple[str, ...] = (
     SATURATED_FRAC,
     ACT_NONFINITE,
     NONFINITE_RANK,
-) = range(len(MODULE_STATS))
+) = range(len(MODULE_STATS) - len(TIME_STATS))
 # The summable moments of one output (see `activation_moments`).
 _N, _SUM, _SUM_MEAN_SQ, _SPREAD, _SATURATED = range(5)
 
@@ -147,31 +153,15 @@ def fired_units(y: Tensor) -> Tensor | None:
 
 
 def first_tensor(output: Any) -> Tensor | None:
-    """The tensor a module produced: the output itself, or the first tensor of a tuple/list."""
+    """The tensor a module produced: the output itself, the data of a `PackedSequence` (an RNN's
+    packed output), or the first of these in a tuple/list."""
+    if isinstance(output, PackedSequence):
+        return output.data
     if isinstance(output, Tensor):
         return output
     if isinstance(output, (tuple, list)):
-        return next((o for o in output if isinstance(o, Tensor)), None)
+        return next((t for t in map(first_tensor, output) if t is not None), None)
     return None
-
-
-def eager_unless_traced(hook: Callable[..., None]) -> Callable[..., None]:
-    """Keep torch.compile from compiling `hook` (and what it calls) as a frame of its own.
-
-    Inside a compiled forward, dynamo inlines a module's forward hooks into the graph, as it should.
-    But where a forward runs eagerly under compile (`model.compile()` on torch.nn modules that
-    dynamo leaves alone), dynamo would compile each hook call as a separate frame, once per
-    closure and per state of the probes, until it hits its recompile limit. Marking the code
-    "skip, recursively" (its exec strategy; inlining ignores it) runs such calls eagerly.
-    torch versions without this API compile them as before.
-    """
-    try:
-        from torch._dynamo.eval_frame import set_code_exec_strategy
-        from torch._dynamo.types import FrameAction, FrameExecStrategy
-    except ImportError:  # pragma: no cover - older torch
-        return hook
-    set_code_exec_strategy(hook.__code__, FrameExecStrategy(FrameAction.SKIP, FrameAction.SKIP))
-    return hook
 
 
 class ModuleProbes:
