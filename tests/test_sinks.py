@@ -92,14 +92,32 @@ def test_wandb_offline_run_receives_metrics_and_each_finding_once(tmp_path, monk
         stored.series("global_grad_norm"),
         rtol=1e-6,
     )
-    per_layer = {k for row in history.values() for k in row if k.count("/") == 2}
+    # A W&B histogram is stored as nested keys: <metric>/_type, <metric>/bins, <metric>/values.
+    per_layer = {
+        k.removesuffix("/_type")
+        for row in history.values()
+        for k in row
+        if k.count("/") == 2 or k.endswith("/_type")
+    }
     # layers=2: the first and last tensor and module, on probe steps only
     assert per_layer == {
         "gradwatch/grad_norm/stem.weight",
         "gradwatch/grad_norm/head.bias",
         "gradwatch/signal_norm/stem",
         "gradwatch/signal_norm/head",
+        "gradwatch/grad_hist/stem.weight",
+        "gradwatch/grad_hist/head.bias",
+        "gradwatch/act_hist/stem",
+        "gradwatch/act_hist/head",
     }
+    # The histograms are W&B histograms of the stored counts.
+    edges, counts = stored.histogram("grad_hist")
+    logged = {k: history[10][f"gradwatch/grad_hist/stem.weight/{k}"] for k in ("_type", "bins")}
+    assert logged["_type"] == "histogram"
+    row = list(stored.steps).index(10)
+    values = history[10]["gradwatch/grad_hist/stem.weight/values"]
+    np.testing.assert_array_equal(values, counts[row, 0])
+    np.testing.assert_allclose(logged["bins"][1:-1], edges[1:-1])
     assert (
         "gradwatch/signal_norm/stem" in history[10]
         and "gradwatch/signal_norm/stem" not in history[11]

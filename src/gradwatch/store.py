@@ -26,9 +26,10 @@ import numpy as np
 
 from gradwatch.detect.findings import Finding
 from gradwatch.guards.base import Event
-from gradwatch.stats.buffer import PendingBlock, StatsBlock
+from gradwatch.stats.buffer import PendingBlock, ProbeArray, StatsBlock
 from gradwatch.stats.flow import MODULE_STATS
 from gradwatch.stats.grads import TENSOR_STATS
+from gradwatch.stats.histograms import HISTOGRAM_EDGES
 
 logger = logging.getLogger("gradwatch")
 
@@ -55,7 +56,7 @@ CREATE TABLE IF NOT EXISTS findings (
     remedy TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS arrays (
     block INTEGER NOT NULL, name TEXT NOT NULL, columns TEXT NOT NULL, n_steps INTEGER NOT NULL,
-    steps BLOB NOT NULL, width INTEGER NOT NULL, data BLOB NOT NULL);
+    steps BLOB NOT NULL, width INTEGER NOT NULL, dtype TEXT NOT NULL, data BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY, kind TEXT NOT NULL, step INTEGER NOT NULL, guard TEXT NOT NULL,
     detail TEXT NOT NULL);
@@ -74,6 +75,9 @@ def _pack(array: np.ndarray, dtype: str) -> bytes:
 
 def _unpack(blob: bytes, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
     return np.frombuffer(zlib.decompress(blob), dtype=dtype).reshape(shape)
+
+
+_ARRAY_DTYPES = {4: "<f4", 8: "<f8"}  # probe arrays: float32 values, float64 counts
 
 
 def _trim_width(data: np.ndarray) -> np.ndarray:
@@ -225,7 +229,7 @@ class RunWriter:
             ),
         )
         conn.executemany(
-            "INSERT INTO arrays VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO arrays VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             [
                 (
                     cursor.lastrowid,
@@ -234,7 +238,8 @@ class RunWriter:
                     len(array.steps),
                     _pack(array.steps, "<i8"),
                     data.shape[2],
-                    _pack(data, "<f4"),
+                    _ARRAY_DTYPES[data.dtype.itemsize],
+                    _pack(data, _ARRAY_DTYPES[data.dtype.itemsize]),
                 )
                 for name, array in block.arrays.items()
                 for data in [_trim_width(array.data)]
@@ -360,10 +365,10 @@ class Run:
         """The stored blocks in step order, as the writer flushed them."""
         n_tensors, n_modules = len(self.tensors), len(self.modules)
         rows = self._blocks(
-            "n_steps, steps, tensor_stats, tensor_data, module_stats, module_data, "
+            "id, n_steps, steps, tensor_stats, tensor_data, module_stats, module_data, "
             "scalar_names, scalar_data"
         )
-        for n, steps, t_stats, t_data, m_stats, m_data, s_names, s_data in rows:
+        for block_id, n, steps, t_stats, t_data, m_stats, m_data, s_names, s_data in rows:
             t_stats, m_stats, s_names = (
                 json.loads(t_stats),
                 json.loads(m_stats),
@@ -377,7 +382,30 @@ class Run:
                 module_data=_unpack(m_data, "<f4", (n, n_modules, len(m_stats))),
                 scalar_names=tuple(s_names),
                 scalar_data=_unpack(s_data, "<f4", (n, len(s_names))),
+                arrays=self._block_arrays(block_id),
             )
+
+    def _block_arrays(self, block_id: int) -> dict[str, ProbeArray]:
+        if not self._has_arrays():
+            return {}
+        rows = self._conn.execute(
+            "SELECT name, columns, n_steps, steps, width, dtype, data FROM arrays WHERE block = ?",
+            (block_id,),
+        )
+        arrays = {}
+        for name, columns, n, steps, width, dtype, blob in rows:
+            columns = tuple(json.loads(columns))
+            data = _unpack(blob, dtype, (n, len(columns), width))
+            arrays[name] = ProbeArray(_unpack(steps, "<i8", (n,)), columns, data)
+        return arrays
+
+    def _has_arrays(self) -> bool:
+        """Whether the store has the `arrays` table (schema version 2 on)."""
+        return bool(
+            self._conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'arrays'"
+            ).fetchone()
+        )
 
     @property
     def modules(self) -> list[str]:
@@ -421,28 +449,45 @@ class Run:
         columns, data = self.probe_array("grad_through_time")
         return {name: data[:, c] for c, name in enumerate(columns)}
 
+    def histogram(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """A histogram recorded on probe steps: `(edges, counts)`, counts [len(steps), columns,
+        bins] float64, NaN rows off probe steps. `"grad_hist"`: log10|g| per tensor (columns
+        `tensors`); `"act_hist"`: output values per module (columns `modules`). The edges are
+        documented in `stats/histograms.py`: exact zeros fall in grad_hist's first bin."""
+        if name not in HISTOGRAM_EDGES:
+            raise KeyError(
+                f"no histogram named {name!r}; gradwatch records {', '.join(HISTOGRAM_EDGES)}"
+            )
+        columns, data = self.probe_array(name)
+        order = self.tensors if name == "grad_hist" else self.modules
+        counts = np.full((len(data), len(order), len(HISTOGRAM_EDGES[name]) - 1), np.nan)
+        position = {c: i for i, c in enumerate(columns)}
+        for i, column in enumerate(order):
+            if column in position and data.shape[2]:
+                counts[:, i, : data.shape[2]] = data[:, position[column]]
+        return HISTOGRAM_EDGES[name].copy(), counts
+
     def probe_array(self, name: str) -> tuple[list[str], np.ndarray]:
         """An array recorded on probe steps: its column names and [len(steps), columns, width],
         NaN where it was not recorded."""
-        if not self._conn.execute(
-            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'arrays'"
-        ).fetchone():
-            return [], np.zeros((len(self.steps), 0, 0), dtype=np.float32)  # schema version 1
+        if not self._has_arrays():
+            return [], np.zeros((len(self.steps), 0, 0), dtype=np.float32)
         rows = self._conn.execute(
-            "SELECT columns, n_steps, steps, width, data FROM arrays "
+            "SELECT columns, n_steps, steps, width, dtype, data FROM arrays "
             "WHERE name = ? AND block <= ? ORDER BY block",
             (name, self._last_block),
         ).fetchall()
         parts = []
         names: dict[str, int] = {}
-        for columns, n, steps, width, blob in rows:
+        for columns, n, steps, width, dtype, blob in rows:
             columns = json.loads(columns)
             names.update((c, len(names)) for c in columns if c not in names)
-            data = _unpack(blob, "<f4", (n, len(columns), width))
+            data = _unpack(blob, dtype, (n, len(columns), width))
             parts.append((_unpack(steps, "<i8", (n,)), [names[c] for c in columns], data))
         all_steps = self.steps
         width = max((data.shape[2] for *_, data in parts), default=0)
-        out = np.full((len(all_steps), len(names), width), np.nan, dtype=np.float32)
+        dtype = max((data.dtype for *_, data in parts), default=np.dtype(np.float32))
+        out = np.full((len(all_steps), len(names), width), np.nan, dtype=dtype)
         for steps, columns, data in parts:
             rows_at = np.searchsorted(all_steps, steps)
             out[np.ix_(rows_at, columns, np.arange(data.shape[2]))] = data

@@ -321,13 +321,22 @@ class Watcher:
         )
         if row is not None:
             self._record_scalar(row, GLOBAL_GRAD_NORM, norm)
-            self._module_probes.write(self._module_rows.data[row], probe)
-            if probe and self._time_probes.names:
-                profile = self._time_probes.write(self._module_rows.data[row], self._time_cells)
-                self._probe_arrays.add(
-                    GRAD_THROUGH_TIME, step, tuple(self._time_probes.names), profile
-                )
+            act_hist = self._module_probes.write(self._module_rows.data[row], probe)
+            if act_hist is not None:
+                self._record_probe_arrays(step, present, act_hist, self._module_rows.data[row])
         return norm
+
+    def _record_probe_arrays(
+        self, step: int, present: list[PresentGroup], act_hist: Tensor, module_row: Tensor
+    ) -> None:
+        """What a probe step records as arrays: the histograms and the gradient through time."""
+        arrays, device = self._probe_arrays, self.inventory.device
+        grad_hist = self._topology.shards.sum(self._statistics.histograms(present, device))
+        arrays.add("grad_hist", step, tuple(self.inventory.names), grad_hist)
+        arrays.add("act_hist", step, tuple(self._module_probes.names), act_hist)
+        if self._time_probes.names:
+            profile = self._time_probes.write(module_row, self._time_cells)
+            arrays.add(GRAD_THROUGH_TIME, step, tuple(self._time_probes.names), profile)
 
     def _apply_guards(
         self, step: int, present: list[PresentGroup], global_norm: Tensor, row: int | None
@@ -468,6 +477,8 @@ class Watcher:
             zeroing=tuple(probes.zeroing(c) for c in order),
             saturating=tuple(probes.saturating(c) for c in order),
             world_size=self._topology.world_size,
+            tensor_dtypes=tuple(t.dtype for t in self.inventory.tensors),
+            module_dtypes=tuple(probes.output_dtype(c) for c in order),
         )
         self._diagnosis = Diagnosis(layout, self._publish)
         self._writer.block_listeners.append(self._diagnosis)

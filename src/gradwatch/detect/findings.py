@@ -12,6 +12,7 @@ FINDING_KINDS: tuple[str, ...] = (
     "dead_units",
     "saturation",
     "spike",
+    "underflow",
 )
 SEVERITIES: tuple[str, ...] = ("info", "warning", "error")
 

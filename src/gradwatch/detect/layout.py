@@ -13,7 +13,8 @@ class ModelLayout:
     `modules` names the per-module columns in forward order, with each module's class name and
     whether it owns parameters, is one of torch.nn's own layers, is a zeroing (ReLU-family) or a
     saturating (sigmoid/tanh-family) activation. `world_size` is the number of ranks whose
-    batches the statistics describe.
+    batches the statistics describe; `tensor_dtypes` the parameters' dtypes and `module_dtypes`
+    the dtype of each module's output ("" where unseen; fp16 under autocast).
     """
 
     tensors: tuple[str, ...]
@@ -25,6 +26,31 @@ class ModelLayout:
     zeroing: tuple[bool, ...]
     saturating: tuple[bool, ...]
     world_size: int = 1
+    tensor_dtypes: tuple[str, ...] = ()
+    module_dtypes: tuple[str, ...] = ()
+
+    def precision(self, tensor: int) -> str:
+        """The lowest floating-point precision tensor `tensor` trains in: its own dtype, or its
+        module's output dtype (autocast), as "float32", "bfloat16", "float16", ..."""
+        dtypes = {self.tensor_dtypes[tensor]} if self.tensor_dtypes else set()
+        if self.module_dtypes and self.tensor_modules[tensor] in self.modules:
+            dtypes.add(self.module_dtypes[self.modules.index(self.tensor_modules[tensor])])
+        for low in ("float16", "bfloat16"):
+            if low in dtypes:
+                return low
+        return self.tensor_dtypes[tensor] if self.tensor_dtypes else "float32"
+
+    def low_precision(self, tensor: int) -> bool:
+        return self.precision(tensor) in ("float16", "bfloat16")
+
+    def zeroing_around(self, module: str) -> list[int]:
+        """The columns of the ReLU-family activations right before and right after `module` in
+        forward order (the units that feed it and that it feeds)."""
+        if module not in self.modules:
+            return []
+        column = self.modules.index(module)
+        around = [c for c in (column - 1, column + 1) if 0 <= c < len(self.modules)]
+        return [c for c in around if self.zeroing[c]]
 
     def feeding_layer(self, column: int) -> int:
         """The nearest module before `column` in forward order that owns parameters (the layer

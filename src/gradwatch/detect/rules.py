@@ -14,6 +14,7 @@ import numpy as np
 
 from gradwatch.detect.findings import Finding
 from gradwatch.detect.layout import ModelLayout
+from gradwatch.detect.precision import underflow
 from gradwatch.detect.through_time import exploding_through_time, vanishing_through_time
 from gradwatch.stats.buffer import StatsBlock
 
@@ -491,4 +492,5 @@ RULES = (
     dead_units,
     saturation,
     spike,
+    underflow,
 )

@@ -1,6 +1,7 @@
 """Matplotlib figures of a run: gradient flow, layer x step heatmap, global norm with guard events,
-logged scalars, update-to-weight ratios and activation health; for models that have them, the
-gradient through time of recurrent modules.
+logged scalars, update-to-weight ratios, activation health, the distribution of log10|g| over
+steps and the share of zero or tiny gradient entries; for models that have them, the gradient
+through time of recurrent modules.
 
 Every chart is `fn(data) -> Figure | None` (None when the run holds nothing to draw). Long runs and
 many layers are downsampled: at most MAX_POINTS step bins per line, MAX_COLUMNS x MAX_ROWS cells in
@@ -23,6 +24,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from gradwatch.report.data import ReportData
+from gradwatch.stats.histograms import finite_edges
 
 MAX_POINTS = 1500
 MAX_COLUMNS = 400
@@ -264,6 +266,67 @@ def activation_health(data: ReportData) -> Figure | None:
     return fig
 
 
+def grad_distribution(data: ReportData) -> Figure | None:
+    """log10|g| over probe steps for the first, middle and last weight tensors, as TensorBoard's
+    distributions: the share of entries per bin, one column per probe step; the exact zeros'
+    share in each title."""
+    counts = data.grad_hist[1]
+    rows = np.flatnonzero(np.isfinite(counts).all(axis=2).any(axis=1)) if counts.size else []
+    if not len(rows):
+        return None
+    weights = data.weight_columns
+    chosen = list(dict.fromkeys([weights[0], weights[len(weights) // 2], weights[-1]]))
+    finite = finite_edges("grad_hist")
+    fig, axes = plt.subplots(1, len(chosen), figsize=(4.5 * len(chosen), 4), squeeze=False)
+    image = None
+    for ax, column in zip(axes[0], chosen, strict=True):
+        picked = rows[np.isfinite(counts[rows, column]).all(axis=1)]
+        if not len(picked):
+            continue
+        share = counts[picked, column] / counts[picked, column].sum(axis=1, keepdims=True)
+        steps = data.steps[picked]
+        x = np.append(steps, steps[-1] + (steps[-1] - steps[-2] if len(steps) > 1 else 1))
+        with np.errstate(divide="ignore"):
+            image = ax.pcolormesh(x, finite, np.log10(share.T), cmap="viridis", vmin=-4, vmax=0)
+        filled = np.flatnonzero(np.nansum(share[:, 1:], axis=0)) + 1  # bins past the zeros
+        if len(filled):
+            ax.set_ylim(finite[filled[0]] - 0.5, finite[filled[-1] + 1] + 0.5)
+        zeros = float(np.nanmedian(share[:, 0]))
+        ax.set_title(f"{_label(data.tensors[column]['name'])}: {zeros:.0%} exact zeros", fontsize=9)
+        ax.set_xlabel("step")
+    axes[0, 0].set_ylabel("log10 |g|")
+    if image is not None:
+        fig.colorbar(image, ax=axes[0].tolist(), label="log10 share of entries")
+    fig.suptitle("distribution of log10|g| over probe steps (first, middle, last weight)")
+    return fig
+
+
+def tiny_gradients(data: ReportData) -> Figure | None:
+    """Per tensor, the share of gradient entries that are exact zeros, and of those below fp16's
+    smallest normal number (median over probe steps)."""
+    edges, counts = data.grad_hist
+    if not counts.size or not np.isfinite(counts).all(axis=2).any():
+        return None
+    totals = counts.sum(axis=2)
+    below_fp16 = np.searchsorted(edges, np.log10(np.finfo(np.float16).tiny), side="right") - 1
+    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        zeros = np.nanmedian(counts[:, :, 0] / totals, axis=0)
+        tiny = np.nanmedian(counts[:, :, 1:below_fp16].sum(axis=2) / totals, axis=0)
+    x = np.arange(len(data.tensors))
+    fig, ax = plt.subplots(figsize=(12, 4))
+    ax.bar(x - 0.2, np.nan_to_num(zeros), width=0.4, label="exact zeros")
+    ax.bar(
+        x + 0.2, np.nan_to_num(tiny), width=0.4, label="0 < |g| < 6.1e-5 (fp16's smallest normal)"
+    )
+    ax.set_ylim(0, 1)
+    ax.set_title("zero and tiny gradient entries per tensor (median over probe steps)")
+    _depth_axis(ax, [t["name"] for t in data.tensors], "parameter tensor")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def through_time(data: ReportData) -> Figure | None:
     """‖∂L/∂x_t‖ over the time steps of each recurrent module's input, early/middle/late."""
     profiles = {name: p for name, p in data.through_time.items() if np.isfinite(p).any()}
@@ -290,6 +353,8 @@ CHARTS: dict[str, tuple[str, Callable[[ReportData], Figure | None]]] = {
     "scalars": ("Loss and logged scalars", logged_scalars),
     "update_ratio": ("Update-to-weight ratio", update_ratios),
     "activation_health": ("Activation health", activation_health),
+    "grad_distribution": ("Gradient distribution over steps", grad_distribution),
+    "tiny_gradients": ("Zero and tiny gradient entries", tiny_gradients),
 }
 # Charts for what only some models have: shown when the run holds their data, else left out.
 OPTIONAL_CHARTS: dict[str, tuple[str, Callable[[ReportData], Figure | None]]] = {

@@ -57,6 +57,10 @@ class ReportData:
         return self.run.events
 
     @cached_property
+    def grad_hist(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.run.histogram("grad_hist")
+
+    @cached_property
     def through_time(self) -> dict[str, np.ndarray]:
         return self.run.through_time()
 

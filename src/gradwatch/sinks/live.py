@@ -4,7 +4,9 @@ metrics, and each finding once.
 Per recorded step `gradwatch/global_grad_norm`; on probe steps `gradwatch/grad_norm/<tensor>` and
 `gradwatch/signal_norm/<module>` for at most `layers` tensors and `layers` modules, spread evenly
 over the model's depth (first and last included). So a sink holds at most 1 + 2·layers metric
-series (33 with the default 16), whatever the size of the model.
+series (33 with the default 16), whatever the size of the model. Sinks that show histograms (W&B)
+also get, on probe steps, `gradwatch/grad_hist/<tensor>` and `gradwatch/act_hist/<module>` for
+the same tensors and modules (see `stats/histograms.py` for the bins).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import numpy as np
 
 from gradwatch.detect.findings import Finding
 from gradwatch.stats.buffer import StatsBlock
+from gradwatch.stats.histograms import finite_edges
 
 PREFIX = "gradwatch"
 STEP = f"{PREFIX}/step"
@@ -60,6 +63,29 @@ class LiveMetrics:
             finite = {k: v for k, v in metrics.items() if math.isfinite(v)}
             if finite:
                 yield int(step), finite
+
+    def histograms(
+        self, block: StatsBlock, tensors: list[str], modules: list[str]
+    ) -> dict[int, dict[str, tuple[np.ndarray, np.ndarray]]]:
+        """Per probe step of the block, `{PREFIX}/grad_hist/<tensor>` and `.../act_hist/<module>`
+        as (counts, finite edges) for the same chosen tensors and modules as `rows`."""
+        chosen = {
+            "grad_hist": {tensors[t] for t in spread(len(tensors), self.layers)},
+            "act_hist": {modules[m] for m in spread(len(modules), self.layers)},
+        }
+        out: dict[int, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
+        for name, names in chosen.items():
+            array = block.arrays.get(name)
+            if array is None:
+                continue
+            edges = finite_edges(name)
+            for r, step in enumerate(array.steps):
+                for c, column in enumerate(array.columns):
+                    counts = array.data[r, c]
+                    if column in names and np.isfinite(counts).all() and counts.sum() > 0:
+                        key = f"{PREFIX}/{name}/{column}"
+                        out.setdefault(int(step), {})[key] = (counts, edges)
+        return out
 
     def new_findings(self, findings: list[Finding]) -> list[Finding]:
         """The findings whose (kind, layer) was not sent before."""

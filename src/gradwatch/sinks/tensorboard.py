@@ -1,8 +1,13 @@
 """TensorBoard: a live sink for `watch(sinks=...)` and `export_tensorboard` for a stored run.
 
 Tags: `grad/<stat>/<tensor>` for per-tensor statistics, `module/<stat>/<module>` for per-module
-ones, `scalars/<name>` for per-step scalars, and the findings as text under `findings`. Only
-recorded (finite) values are written. Needs the `tensorboard` package (`gradwatch[tensorboard]`).
+ones, `scalars/<name>` for per-step scalars, the probe steps' histograms as TensorBoard histograms
+under `grad_hist/<tensor>` (log10|g|) and `act_hist/<module>` (output values), and the findings
+as text under `findings`. Only recorded (finite) values are written. Histograms go through the
+raw-histogram API: only the counts leave the store; the open end bins get finite edges
+(`finite_edges`), and min, max, sum and sum of squares are read from the bins (their edges and
+centres), as the counts are all that is stored. Needs the `tensorboard` package
+(`gradwatch[tensorboard]`).
 """
 
 from __future__ import annotations
@@ -14,7 +19,8 @@ import numpy as np
 
 from gradwatch.detect.findings import Finding
 from gradwatch.extras import optional
-from gradwatch.stats.buffer import StatsBlock
+from gradwatch.stats.buffer import ProbeArray, StatsBlock
+from gradwatch.stats.histograms import HISTOGRAM_EDGES, finite_edges
 
 
 def _summary_writer(log_dir: str | Path) -> Any:
@@ -37,6 +43,9 @@ class TensorBoard:
             for step, value in zip(block.steps, block.scalar_data[:, c], strict=True):
                 if np.isfinite(value):
                     self._writer.add_scalar(f"scalars/{name}", float(value), int(step))
+        for name, array in block.arrays.items():
+            if name in HISTOGRAM_EDGES:
+                self._histograms(name, array)
 
     def write_findings(self, findings: list[Finding]) -> None:
         for f in findings:
@@ -48,6 +57,27 @@ class TensorBoard:
 
     def close(self) -> None:
         self._writer.close()
+
+    def _histograms(self, name: str, array: ProbeArray) -> None:
+        edges = finite_edges(name)
+        centres = (edges[:-1] + edges[1:]) / 2
+        for r, step in enumerate(array.steps):
+            for c, column in enumerate(array.columns):
+                counts = array.data[r, c]
+                if not np.isfinite(counts).all() or counts.sum() == 0:
+                    continue
+                filled = np.flatnonzero(counts)
+                self._writer.add_histogram_raw(
+                    f"{name}/{column}",
+                    min=float(edges[filled[0]]),
+                    max=float(edges[filled[-1] + 1]),
+                    num=int(counts.sum()),
+                    sum=float(counts @ centres),
+                    sum_squares=float(counts @ centres**2),
+                    bucket_limits=edges[1:].tolist(),
+                    bucket_counts=counts.tolist(),
+                    global_step=int(step),
+                )
 
     def _scalars(self, steps, data, stats, names, prefix) -> None:
         for s, stat in enumerate(stats):

@@ -1,7 +1,8 @@
 """Weights & Biases: a live sink for `watch(sinks=[gw.sinks.WandB()])`.
 
-Logs the metrics of `sinks/live.py` against their own x-axis `gradwatch/step` (the optimizer step),
-so they do not clash with the run's own step counter, and each finding once as a W&B alert (also
+Logs the metrics of `sinks/live.py` (its histograms as `wandb.Histogram`) against their own
+x-axis `gradwatch/step` (the optimizer step), so they do not clash with the run's own step
+counter, and each finding once as a W&B alert (also
 in offline mode) and in the run summary under `gradwatch/findings`. Writes from gradwatch's writer
 thread, never in the training step. Needs `wandb` (`pip install 'gradwatch[wandb]'`).
 """
@@ -32,13 +33,17 @@ class WandB:
                 "gw.sinks.WandB(run=...)"
             )
         self._metrics = LiveMetrics(layers)
+        self._histogram = wandb.Histogram
         self._alert_level = wandb.AlertLevel
         self._findings: list[str] = []
         self._run.define_metric(STEP)
         self._run.define_metric(f"{PREFIX}/*", step_metric=STEP)
 
     def write_block(self, block: StatsBlock, tensors: list[str], modules: list[str]) -> None:
+        histograms = self._metrics.histograms(block, tensors, modules)
         for step, metrics in self._metrics.rows(block, tensors, modules):
+            for key, (counts, edges) in histograms.get(step, {}).items():
+                metrics[key] = self._histogram(np_histogram=(counts, edges))
             self._run.log({STEP: step, **metrics})
 
     def write_findings(self, findings: list[Finding]) -> None:

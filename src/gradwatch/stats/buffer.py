@@ -94,7 +94,8 @@ def host_copy(tensor: Tensor) -> HostCopy:
 @dataclass(frozen=True, slots=True)
 class ProbeArray:
     """Arrays recorded on probe steps only (profiles, histograms): `data` [len(steps), columns,
-    width] float32 on the host, NaN where nothing was recorded; `columns` name axis 1."""
+    width] on the host (float32, or float64 for counts), NaN where nothing was recorded;
+    `columns` name axis 1."""
 
     steps: np.ndarray
     columns: tuple[str, ...]
@@ -114,7 +115,7 @@ class ProbeArrays:
 
     def add(self, name: str, step: int, columns: tuple[str, ...], array: Tensor) -> None:
         self._columns[name] = columns
-        self._arrays.setdefault(name, []).append((step, array.float()))
+        self._arrays.setdefault(name, []).append((step, array))
 
     def take(self) -> dict[str, tuple[list[int], tuple[str, ...], HostCopy]]:
         taken = {

@@ -21,6 +21,8 @@ channel axis for outputs of 4 or more dimensions):
 - `saturated_frac` share of outputs within 1% (of the output range) of a bound, for bounded
                    activations (sigmoid, tanh, hardtanh, hardsigmoid, softsign); NaN for others.
                    Probe steps.
+- `act_hist`       a histogram of the output values (`histograms.py`), returned by `write` on
+                   probe steps and stored as an array, not in the statistics row.
 - `nonfinite_rank` the lowest rank whose output held NaN/±Inf (0 in a single process); NaN when
                    no rank's did. With `act_nonfinite`.
 - `time_first_to_last`, `time_decay`, `time_reach`  recurrent modules only, probe steps: how far
@@ -48,6 +50,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
 from gradwatch.distributed import LOCAL, Reduction, lowest_rank, module_class, rank_code
+from gradwatch.stats.histograms import act_histogram, bins
 from gradwatch.stats.hooks import eager_unless_traced
 from gradwatch.stats.through_time import TIME_STATS
 
@@ -205,6 +208,8 @@ class ModuleProbes:
         self._moments = torch.zeros(width, 5, dtype=wide, device=device)
         self._signal = torch.zeros(width, 2, device=device)  # Σ‖∂L/∂y‖², backward passes
         self._fired: dict[int, Tensor] = {}  # per unit: in how many forward calls it fired
+        self._output_dtypes: dict[int, str] = {}  # as first seen on a probe step
+        self._act_hist = torch.zeros(width, bins("act_hist"), dtype=wide, device=device)
         self._signal_hooks = [self._signal_hook(c) for c in range(width)]
         self._unsupported: set[int] = set()
         self._segments: tuple[tuple[int, ...], Tensor, Tensor, Tensor] | None = None
@@ -233,6 +238,10 @@ class ModuleProbes:
     def owns_parameters(self, column: int) -> bool:
         return owns_parameters(self._modules[column])
 
+    def output_dtype(self, column: int) -> str:
+        """The dtype of the module's output on the first probe step ("" before one)."""
+        return self._output_dtypes.get(column, "")
+
     def _hook(self, column: int) -> Callable[[nn.Module, Any, Any], None]:
         flagged_every_step = self._flagged_every_step[column]
         bounds = self._bounds[column]
@@ -255,8 +264,11 @@ class ModuleProbes:
             self._sums.select(0, column).add_(total)
             self._calls.select(0, column).add_(1)
             if mode == 2:
+                if column not in self._output_dtypes:
+                    self._output_dtypes[column] = str(y.dtype).removeprefix("torch.")
                 moments = activation_moments(y, bounds).to(self._moments)
                 self._moments.select(0, column).add_(moments)
+                self._act_hist.select(0, column).add_(act_histogram(y).to(self._act_hist))
                 fired = fired_units(y)
                 if fired is not None:
                     fired = fired.to(self.device)
@@ -277,28 +289,31 @@ class ModuleProbes:
 
         return record
 
-    def write(self, row: Tensor, probe: bool) -> None:
+    def write(self, row: Tensor, probe: bool) -> Tensor | None:
         """Turn the collected statistics into `row` and clear them. No host sync; on a probe step
-        one all-reduce over the ranks (all ranks call this at the same steps)."""
+        one all-reduce over the ranks (all ranks call this at the same steps), and the return is
+        the step's `act_hist` counts [modules, bins] (NaN rows for modules not called)."""
         called = self._calls > 0
         flags = torch.isfinite(self._sums).logical_not().float()
         row[:, ACT_NONFINITE] = torch.where(called, flags, torch.nan)
         row[:, NONFINITE_RANK] = torch.where(called & (flags > 0), float(self.rank), torch.nan)
-        if probe:
-            self._write_probe(row)
+        histograms = self._write_probe(row) if probe else None
         self._reset(probe)
+        return histograms
 
-    def _write_probe(self, row: Tensor) -> None:
+    def _write_probe(self, row: Tensor) -> Tensor:
         columns = tuple(sorted(self._fired))
         wide = self._moments.dtype
         packed = torch.cat(
-            [self._moments.flatten(), self._signal.to(wide).flatten()]
+            [self._moments.flatten(), self._signal.to(wide).flatten(), self._act_hist.flatten()]
             + [self._fired[c].to(wide) for c in columns]
         )
         self.ranks.sum(packed)
         width = len(self._modules)
         moments = packed[: 5 * width].view(width, 5)
         signal = packed[5 * width : 7 * width].view(width, 2)
+        histogram_end = 7 * width + self._act_hist.numel()
+        histograms = packed[7 * width : histogram_end].view_as(self._act_hist)
         n = moments[:, _N]
         mean = moments[:, _SUM] / n
         spread = moments[:, _SPREAD] + (moments[:, _SUM_MEAN_SQ] - moments[:, _SUM] * mean)
@@ -307,12 +322,13 @@ class ModuleProbes:
                 torch.where(signal[:, 1] > 0, signal[:, 0].sqrt() / self.world_size, torch.nan),
                 mean,
                 (spread.clamp_min(0) / (n - 1)).sqrt(),
-                self._dead_fractions(columns, packed[7 * width :]),
+                self._dead_fractions(columns, packed[histogram_end:]),
                 moments[:, _SATURATED] / n,
             ],
             dim=1,
         )
         row[:, SIGNAL_NORM : SATURATED_FRAC + 1] = values.to(row)
+        return torch.where((n > 0)[:, None], histograms, torch.nan)
 
     def _dead_fractions(self, columns: tuple[int, ...], fired: Tensor) -> Tensor:
         """Per module, the share of units that fired in no forward call on any rank."""
@@ -333,6 +349,7 @@ class ModuleProbes:
         if probe:
             self._moments.zero_()
             self._signal.zero_()
+            self._act_hist.zero_()
             for fired in self._fired.values():
                 fired.zero_()
 

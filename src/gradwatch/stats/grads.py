@@ -17,6 +17,7 @@ step. The rest wait for probe steps (each further pass costs about 3% of an MLP 
 - `update_ratio`   ‖θ_after − θ_before‖₂ / ‖θ_before‖₂ (NaN where θ_before = 0): probe steps only;
                    the snapshot is a copy of the parameters held from the step pre-hook to the
                    post-hook (one copy, two passes).
+- `grad_hist`      a histogram of log10|g| per tensor (`histograms.py`); probe steps.
 
 Under FSDP2 every pass runs on this rank's shard (`local_tensor`), and a buffer row holds the
 shard's partials until the flush combines them (`combine_shards`): norms as themselves, maxima,
@@ -32,6 +33,7 @@ from torch import Tensor, nn
 
 from gradwatch.distributed import Reduction, local_tensor
 from gradwatch.inventory import Inventory
+from gradwatch.stats.histograms import bins, grad_histograms
 
 TENSOR_STATS: tuple[str, ...] = (
     "grad_norm",
@@ -138,6 +140,17 @@ class GradStatistics:
         return (
             partials[0] if len(partials) == 1 else torch.linalg.vector_norm(torch.stack(partials))
         )
+
+    def histograms(self, present: list[PresentGroup], device: torch.device) -> Tensor:
+        """`grad_hist` counts [tensors, bins] on `device` (see `histograms.py`), float64; NaN rows
+        for tensors without a gradient. Sharded, this rank's shards' counts (summed over the
+        shard group by the caller). Probe steps; no host sync."""
+        counts = torch.full((len(self.inventory.tensors), bins("grad_hist")), torch.nan)
+        counts = counts.to(device=device, dtype=torch.float64)
+        for group in present:
+            values = grad_histograms(group.grads).to(device, non_blocking=True)
+            counts.index_copy_(0, self._index(group.index, device), values)
+        return counts
 
     def snapshot_params(self) -> list[list[Tensor]]:
         """Copies of the watched parameters, one list per group: θ_before of this update."""
