@@ -102,10 +102,11 @@ def rank_main(args: argparse.Namespace) -> None:
         f"torch {torch.__version__})\n\n"
         f"Command: `python benchmarks/distributed.py --rounds {args.rounds} --steps {args.steps}"
         f" --strategies {' '.join(args.strategies)} --workloads {' '.join(args.workloads)}`. "
-        "Rank 0's medians of per-step times over interleaved rounds; each rank trains on its own "
-        "batch of the workload's size. DDP wraps the model; FSDP2 applies fully_shard to each "
-        "transformer layer, each other Linear/Conv and the root. The floor reads this rank's "
-        "gradients once (its shards under FSDP2). Allocator thresholds fixed as in overhead.py."
+        "Rank 0's medians (and means) of per-step times over interleaved rounds; each rank "
+        "trains on its own batch of the workload's size. DDP wraps the model; FSDP2 applies "
+        "fully_shard to each transformer layer, each other Linear/Conv and the root. The floor "
+        "reads this rank's gradients once (its shards under FSDP2). Allocator thresholds fixed "
+        "as in overhead.py."
     )
     table = format_table(results, header)
     print(table)

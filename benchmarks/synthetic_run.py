@@ -57,7 +57,9 @@ def synthetic_run(
         grad = level * rng.lognormal(0, 0.3, (n, tensors))
         tensor_data = np.full((n, tensors, len(TENSOR_STATS)), np.nan)
         tensor_data[:, :, 0] = grad
-        tensor_data[:, :, 1:] = np.where(probe[:, :, None], rng.random((n, tensors, 4)), np.nan)
+        tensor_data[:, :, 1:] = np.where(
+            probe[:, :, None], rng.random((n, tensors, len(TENSOR_STATS) - 1)), np.nan
+        )
         module_data = np.where(
             probe[:, :, None], rng.random((n, modules, len(MODULE_STATS))), np.nan
         )

@@ -68,7 +68,13 @@ def train(
     """
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     with gw.watch(
-        model, optimizer, run_dir=run_dir, probe_every=2, flush_every=3, guards=list(guards)
+        model,
+        optimizer,
+        run_dir=run_dir,
+        probe_every=2,
+        flush_every=3,
+        histogram_every=1,
+        guards=list(guards),
     ) as w:
         for step, (x, y) in enumerate(batches(steps)):
             x, y = shard_of_batch(x, rank, world), shard_of_batch(y, rank, world)

@@ -93,7 +93,10 @@ def train(kind: str, run_dir, compile_as: str | None, backend: str = "aot_eager"
     elif compile_as == "method":
         model.compile(backend=backend)
     graphs = []
-    with gw.watch(forward, optimizer, run_dir=run_dir, probe_every=5, flush_every=20) as w:
+    # histograms on every probe step: the default (every tenth) adds one graph, see below
+    with gw.watch(
+        forward, optimizer, run_dir=run_dir, probe_every=5, flush_every=20, histogram_every=1
+    ) as w:
         hooks = [h for m in model.modules() for h in m._forward_hooks.values()]
         for x, y in batches(kind)[:steps]:
             loss = nn.functional.cross_entropy(forward(x).flatten(0, -2), y)
@@ -156,6 +159,20 @@ def test_one_compiled_variant_per_probe_state(tmp_path):
     _, graphs = train("transformer", tmp_path / "run", "wrap")
     assert plain == 1
     assert graphs[-1] <= plain + 2
+    # With histograms on some probe steps only, those are one more variant.
+    dynamo.reset()
+    counters.clear()
+    model = make("transformer")
+    compiled = torch.compile(model, backend="aot_eager")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    with gw.watch(
+        compiled, optimizer, run_dir=tmp_path / "mixed", probe_every=2, histogram_every=2
+    ):
+        for x, y in batches("transformer")[:12]:
+            nn.functional.cross_entropy(compiled(x).flatten(0, -2), y).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    assert counters["stats"]["unique_graphs"] <= plain + 3
 
 
 def test_watching_adds_no_graph_breaks_to_the_users_forward(tmp_path):

@@ -25,7 +25,9 @@ def test_counts_equal_numpy_histogram_with_the_documented_edges(tmp_path, dtype)
     model = dead_unit_mlp(dtype)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     x, y = torch.randn(16, 8, dtype=dtype), torch.randint(0, 4, (16,))
-    with gw.watch(model, optimizer, run_dir=tmp_path / "run", probe_every=2) as w:
+    with gw.watch(
+        model, optimizer, run_dir=tmp_path / "run", probe_every=2, histogram_every=1
+    ) as w:
         for _ in range(3):
             optimizer.zero_grad()
             nn.functional.cross_entropy(model(x).float(), y).backward()
@@ -85,7 +87,9 @@ def test_tensorboard_export_holds_the_histograms(tmp_path):
 
     model = dead_unit_mlp(torch.float32)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    with gw.watch(model, optimizer, run_dir=tmp_path / "run", probe_every=5) as w:
+    with gw.watch(
+        model, optimizer, run_dir=tmp_path / "run", probe_every=5, histogram_every=1
+    ) as w:
         for _ in range(12):
             optimizer.zero_grad()
             loss = nn.functional.cross_entropy(
@@ -127,7 +131,8 @@ def train_fp16(tmp_path, scaler, steps=40):
     model = SmallInputs()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     generator = torch.Generator().manual_seed(1)
-    with gw.watch(model, optimizer, run_dir=tmp_path / "run") as w:
+    # histograms every probe step (every 10 steps), so that 40 steps hold the 3 in a row
+    with gw.watch(model, optimizer, run_dir=tmp_path / "run", histogram_every=1) as w:
         for _ in range(steps):
             x = torch.randn(64, 16, generator=generator) * 1e-5
             y = torch.randint(0, 4, (64,), generator=generator)
@@ -167,7 +172,7 @@ def test_dead_units_zeros_are_not_underflow(tmp_path, dtype):
     with torch.no_grad():
         model[0].bias[:28] = -100.0  # 28 of 32 units dead: 87% zero rows
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    with gw.watch(model, optimizer, run_dir=tmp_path / "run") as w:
+    with gw.watch(model, optimizer, run_dir=tmp_path / "run", histogram_every=1) as w:
         for _ in range(40):
             optimizer.zero_grad()
             out = model(torch.randn(16, 8, dtype=dtype)).float()
@@ -206,3 +211,23 @@ def test_values_on_edges_land_in_numpy_bins():
     with np.errstate(divide="ignore"):
         expected, _ = np.histogram(np.log10(np.abs(g.numpy())), bins=GRAD_HIST_EDGES)
     np.testing.assert_array_equal(grad_histograms([g]).numpy()[0], expected)
+
+
+def test_histograms_come_every_nth_probe_step_and_can_be_turned_off(tmp_path):
+    model = dead_unit_mlp(torch.float32)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    for histogram_every, expected in [(2, [0, 6]), (None, [])]:
+        run_dir = tmp_path / str(histogram_every)
+        with gw.watch(
+            model, optimizer, run_dir=run_dir, probe_every=3, histogram_every=histogram_every
+        ):
+            for _ in range(8):
+                optimizer.zero_grad()
+                model(torch.randn(4, 8)).sum().backward()
+                optimizer.step()
+        run = gw.open_run(run_dir)
+        for name in ("grad_hist", "act_hist"):
+            counts = run.histogram(name)[1]
+            assert list(run.steps[np.isfinite(counts).all(axis=(1, 2))]) == expected
+    with pytest.raises(ValueError, match="histogram_every must be an int >= 1"):
+        gw.watch(model, optimizer, run_dir=tmp_path / "bad", histogram_every=0)

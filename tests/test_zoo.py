@@ -253,8 +253,10 @@ def test_embedding_bag_recommender(tmp_path):
     assert watch_training(model, optimizer, tmp_path, step) == []
 
 
-def test_confident_softmax_classifier_trained_to_convergence(tmp_path):
-    """Tempts vanishing: a converged model's gradients shrink towards 0 everywhere."""
+@pytest.mark.parametrize("per_example", [False, True])
+def test_confident_softmax_classifier_trained_to_convergence(tmp_path, per_example):
+    """Tempts vanishing: a converged model's gradients shrink towards 0 everywhere; with
+    per_example, outlier_examples (few examples keep a gradient) and batch_size."""
     torch.manual_seed(0)
     model = mlp()
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
@@ -266,12 +268,14 @@ def test_confident_softmax_classifier_trained_to_convergence(tmp_path):
         update(optimizer, loss)
         return loss
 
-    findings = watch_training(model, optimizer, tmp_path, step, steps=200)
+    findings = watch_training(model, optimizer, tmp_path, step, steps=200, per_example=per_example)
     assert findings == []
 
 
-def test_adam_on_a_real_small_dataset(tmp_path):
-    """scikit-learn's digits, an MLP with Adam: the plainest healthy run."""
+@pytest.mark.parametrize("per_example", [False, True])
+def test_adam_on_a_real_small_dataset(tmp_path, per_example):
+    """scikit-learn's digits, an MLP with Adam: the plainest healthy run (with per_example:
+    tempts outlier_examples and batch_size)."""
     datasets = pytest.importorskip("sklearn.datasets")
     data = datasets.load_digits()
     x = torch.tensor(data.data, dtype=torch.float32) / 16.0
@@ -288,7 +292,8 @@ def test_adam_on_a_real_small_dataset(tmp_path):
         update(optimizer, loss)
         return loss
 
-    assert watch_training(model, optimizer, tmp_path, step, steps=150) == []
+    findings = watch_training(model, optimizer, tmp_path, step, steps=150, per_example=per_example)
+    assert findings == []
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama", "bert"])

@@ -1,7 +1,7 @@
 """gradwatch: see and guard the gradients of deep-network training.
 
 Public API: `watch`, `Watcher`, `WatchConfig`, `open_run`, `Run`, `Finding`, `Event`, `guards`,
-`gradcheck`, `report`, `sinks`.
+`gradcheck`, `per_example_grad_norms`, `report`, `sinks`.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from gradwatch.detect.findings import Finding
 from gradwatch.gradcheck import GradcheckReport, GradcheckRow, gradcheck
 from gradwatch.guards.base import Event
 from gradwatch.report.html import report
+from gradwatch.stats.per_example import PerExampleNorms, per_example_grad_norms
 from gradwatch.store import Run, open_run
 from gradwatch.watcher import Watcher, watch
 
@@ -22,6 +23,7 @@ __all__ = [
     "Finding",
     "GradcheckReport",
     "GradcheckRow",
+    "PerExampleNorms",
     "Run",
     "WatchConfig",
     "Watcher",
@@ -29,6 +31,7 @@ __all__ = [
     "gradcheck",
     "guards",
     "open_run",
+    "per_example_grad_norms",
     "report",
     "sinks",
     "watch",

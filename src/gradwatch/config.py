@@ -25,23 +25,42 @@ class WatchConfig:
         `grad_nonfinite`, `param_norm`, `update_ratio` and the module statistics: one copy of the
         parameters held during `optimizer.step()`, about five more passes, and a tensor hook and
         a few reductions per probed module. None turns probe steps off.
-    flush_every: recorded steps per block. Device memory: flush_every x (tensors x 5 + modules x 6)
-        x 4 bytes; one device-to-host copy and one committed database transaction per block. A
+    flush_every: recorded steps per block. Device memory: flush_every x (tensors x 5 + modules x
+        10) x 4 bytes; one device-to-host copy and one committed database transaction per block. A
         killed process loses at most the steps since the last flush.
+    histogram_every: every `histogram_every`-th probe step (counted in probe steps: the first
+        one, then every n-th) also counts the histograms `grad_hist` and `act_hist` (see
+        `stats/histograms.py`): about ten element-wise passes over a copy of the gradients and
+        over each probed module's output, and a `bincount`. On 2 CPU cores that adds 1x to 3x a
+        plain step to such a probe step, so the default takes them on every tenth probe step
+        (every 100 steps with probe_every=10). None turns them off.
+    per_example: on probe steps, also each example's gradient norm (`pe_norm_*` per tensor,
+        `pe_total_*` and the gradient noise scale `gns_simple` as scalars; see
+        `stats/per_example.py`): True or "mean" when the loss is the batch mean (of each
+        micro-batch, divided by their number under gradient accumulation), "sum" for summed
+        losses. Costs a per-example computation per module on probe steps (Gram matrices or
+        materialised per-example gradients, a torch.func fallback for modules without a rule).
     """
 
     run_dir: str
     every: int = 1
     probe_every: int | None = 10
     flush_every: int = 50
+    histogram_every: int | None = 10
+    per_example: bool | str = False
 
     def __post_init__(self) -> None:
-        for name in ("every", "flush_every", "probe_every"):
+        if self.per_example not in (False, True, "mean", "sum"):
+            raise ValueError(
+                f'per_example must be False, True (= "mean") or "sum", got {self.per_example!r}'
+            )
+        for name in ("every", "flush_every", "probe_every", "histogram_every"):
             value = getattr(self, name)
-            if name == "probe_every" and value is None:
+            if name in ("probe_every", "histogram_every") and value is None:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                hint = " (or None to turn probe steps off)" if name == "probe_every" else ""
+                optional = name in ("probe_every", "histogram_every")
+                hint = " (or None to turn them off)" if optional else ""
                 raise ValueError(f"{name} must be an int >= 1{hint}, got {value!r}")
 
 

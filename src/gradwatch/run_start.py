@@ -62,7 +62,7 @@ def fingerprint(config: WatchConfig, guards: Sequence[Guard], inventory: Invento
     ]
     return repr(
         (
-            (config.every, config.probe_every, config.flush_every),
+            (config.every, config.probe_every, config.flush_every, config.histogram_every),
             settings,
             [(t.name, t.shape) for t in inventory.tensors],
         )

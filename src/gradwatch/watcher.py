@@ -46,12 +46,16 @@ from gradwatch.sinks.base import Sink
 from gradwatch.stats.buffer import BlockBuffer, PendingBlock, ProbeArrays, StatsBlock
 from gradwatch.stats.flow import MODULE_STATS, ModuleProbes, combine_flags
 from gradwatch.stats.grads import (
+    GRAD_NORM,
+    PE_NORM_MAX,
+    PE_NORM_P50,
     TENSOR_STATS,
     GradStatistics,
     PresentGroup,
     combine_shards,
     global_norm,
 )
+from gradwatch.stats.per_example import ExampleProbes
 from gradwatch.stats.through_time import TIME_STATS, TimeProbes
 
 logger = logging.getLogger("gradwatch")
@@ -112,6 +116,16 @@ class Watcher:
             torch.tensor([MODULE_STATS.index(n) for n in TIME_STATS], device=self.inventory.device),
         )
         self._probe_arrays = ProbeArrays()
+        self._example_probes: ExampleProbes | None = None
+        if config.per_example:
+            if topo.distributed:
+                raise ValueError(
+                    "per_example is not supported under torch.distributed yet (each rank sees "
+                    "only its own examples); watch without it, or compute the norms on one "
+                    "rank with gw.per_example_grad_norms"
+                )
+            reduction = "sum" if config.per_example == "sum" else "mean"
+            self._example_probes = ExampleProbes(model, self.inventory.names, reduction)
         self._diagnosis: Diagnosis | None = None  # set up at the first flush, see _fix_layout
         self._module_order: Tensor | None = None
         self._announced: set[tuple[str, str]] = set()
@@ -235,6 +249,8 @@ class Watcher:
         self._hooks.clear()
         self._module_probes.detach()
         self._time_probes.detach()
+        if self._example_probes is not None:
+            self._example_probes.detach()
         self._snapshot = None
         _watched_models.discard(self.model)
         try:
@@ -256,6 +272,8 @@ class Watcher:
     def _attach(self) -> None:
         self._module_probes.attach()
         self._time_probes.attach()
+        if self._example_probes is not None:
+            self._example_probes.attach()
         if self.optimizer is not None:
             self._hooks.append(self.optimizer.register_step_pre_hook(self._before_update))
             self._hooks.append(self.optimizer.register_step_post_hook(self._after_update))
@@ -324,16 +342,44 @@ class Watcher:
             act_hist = self._module_probes.write(self._module_rows.data[row], probe)
             if act_hist is not None:
                 self._record_probe_arrays(step, present, act_hist, self._module_rows.data[row])
+            if probe and self._example_probes is not None:
+                self._record_examples(row)
         return norm
+
+    def _record_examples(self, row: int) -> None:
+        """The probe step's per-example gradient norms: quantiles per tensor, the totals' and
+        the noise scale as scalars (see `stats/per_example.py`, `stats/noise_scale.py`)."""
+        assert self._example_probes is not None
+        found = self._example_probes.record(self.inventory.device)
+        if found is None:
+            return
+        tensors = self._tensor_rows.data[row]
+        tensors[:, PE_NORM_P50 : PE_NORM_MAX + 1] = found.quantiles().to(tensors)
+        squares = found.totals()
+        norms = squares.sqrt()
+        batch_square = torch.nansum(tensors[:, GRAD_NORM].double().square())
+        skipped = torch.isnan(squares).any()
+        scalars = {
+            "pe_examples": float(squares.numel()),
+            "pe_total_p50": torch.quantile(norms, 0.5),
+            "pe_total_max": norms.max(),
+            "pe_total_argmax": torch.where(skipped, torch.nan, norms.argmax().float()),
+            "pe_top_share": squares.max() / squares.sum(),
+            "gns_simple": self._example_probes.noise.update(squares, batch_square),
+        }
+        for name, value in scalars.items():
+            self._record_scalar(row, name, value)
 
     def _record_probe_arrays(
         self, step: int, present: list[PresentGroup], act_hist: Tensor, module_row: Tensor
     ) -> None:
-        """What a probe step records as arrays: the histograms and the gradient through time."""
+        """What a probe step records as arrays: the histograms (on histogram steps) and the
+        gradient through time."""
         arrays, device = self._probe_arrays, self.inventory.device
-        grad_hist = self._topology.shards.sum(self._statistics.histograms(present, device))
-        arrays.add("grad_hist", step, tuple(self.inventory.names), grad_hist)
-        arrays.add("act_hist", step, tuple(self._module_probes.names), act_hist)
+        if self._histograms(step):
+            grad_hist = self._topology.shards.sum(self._statistics.histograms(present, device))
+            arrays.add("grad_hist", step, tuple(self.inventory.names), grad_hist)
+            arrays.add("act_hist", step, tuple(self._module_probes.names), act_hist)
         if self._time_probes.names:
             profile = self._time_probes.write(module_row, self._time_cells)
             arrays.add(GRAD_THROUGH_TIME, step, tuple(self._time_probes.names), profile)
@@ -387,12 +433,21 @@ class Watcher:
     def _probes(self, step: int) -> bool:
         return self.config.probe_every is not None and step % self.config.probe_every == 0
 
+    def _histograms(self, step: int) -> bool:
+        every, probe_every = self.config.histogram_every, self.config.probe_every
+        return (
+            every is not None and self._probes(step) and (step // probe_every) % every == 0  # type: ignore[operator]
+        )
+
     def _set_step(self, step: int) -> None:
         """Move the step counter; tell the module probes what the next forward pass belongs to
         (the forward of step s runs while the counter is s, with or without an optimizer)."""
         self._step = step
         self._module_probes.mode = 2 if self._probes(step) else 1 if self._records(step) else 0
+        self._module_probes.histograms = self._histograms(step)
         self._time_probes.probe = self._probes(step)
+        if self._example_probes is not None:
+            self._example_probes.active = self._probes(step)
 
     def _open_row(self, step: int) -> int:
         """The buffer row of `step`, flushing a full buffer first."""
@@ -514,6 +569,8 @@ def watch(
     every: int = 1,
     probe_every: int | None = 10,
     flush_every: int = 50,
+    histogram_every: int | None = 10,
+    per_example: bool | str = False,
     guards: Iterable[Guard] = (),
     sinks: Iterable[Sink] = (),
 ) -> Watcher:
@@ -525,7 +582,10 @@ def watch(
         optimizer: the optimizer that updates them; gradwatch hooks its `step()`. Without one, call
             `Watcher.step()` after each update.
         run_dir: where the run store goes; a new directory. Default: `runs/<date-time>`.
-        every, probe_every, flush_every: the schedule, see `WatchConfig` for what each costs.
+        every, probe_every, flush_every, histogram_every: the schedule, see `WatchConfig` for
+            what each costs.
+        per_example: per-example gradient norms and the noise scale on probe steps (True or
+            "mean" for a batch-mean loss, "sum" for a summed one), see `WatchConfig`.
         guards: guards applied to the gradients before each update, in order.
         sinks: extra destinations for the statistics (the run store is always written).
 
@@ -535,6 +595,11 @@ def watch(
     if run_dir is None:
         run_dir = Path("runs") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
     config = WatchConfig(
-        str(run_dir), every=every, probe_every=probe_every, flush_every=flush_every
+        str(run_dir),
+        every=every,
+        probe_every=probe_every,
+        flush_every=flush_every,
+        histogram_every=histogram_every,
+        per_example=per_example,
     )
     return Watcher(model, optimizer, config, guards=list(guards), sinks=list(sinks))

@@ -13,6 +13,8 @@ FINDING_KINDS: tuple[str, ...] = (
     "saturation",
     "spike",
     "underflow",
+    "batch_size",
+    "outlier_examples",
 )
 SEVERITIES: tuple[str, ...] = ("info", "warning", "error")
 

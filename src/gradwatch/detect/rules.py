@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from gradwatch.detect.examples import batch_size, outlier_examples
 from gradwatch.detect.findings import Finding
 from gradwatch.detect.layout import ModelLayout
 from gradwatch.detect.precision import underflow
@@ -493,4 +494,6 @@ RULES = (
     saturation,
     spike,
     underflow,
+    batch_size,
+    outlier_examples,
 )

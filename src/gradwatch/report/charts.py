@@ -327,6 +327,34 @@ def tiny_gradients(data: ReportData) -> Figure | None:
     return fig
 
 
+def per_example(data: ReportData) -> Figure | None:
+    """Per-example gradient norms over the probe steps (median and largest of the totals), and
+    the noise scale B_simple against the batch size (`per_example=True` runs)."""
+    median, largest = data.series("pe_total_p50"), data.series("pe_total_max")
+    if median is None or not np.isfinite(median).any():
+        return None
+    rows = np.isfinite(median)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    steps = data.steps[rows]
+    axes[0].plot(steps, median[rows], marker=".", label="median example")
+    axes[0].plot(steps, largest[rows], marker=".", label="largest example")
+    _log_scale(axes[0], largest[rows])
+    axes[0].set_title("per-example gradient norm ‖∇ℓ_i‖ (probe steps)")
+    axes[0].set_xlabel("step")
+    axes[0].legend(fontsize=8)
+    noise, batch = data.series("gns_simple"), data.series("pe_examples")
+    if noise is not None and np.isfinite(noise).any():
+        known = np.isfinite(noise)
+        axes[1].plot(data.steps[known], noise[known], marker=".", label="B_simple (EMA)")
+        axes[1].plot(steps, batch[rows], ls="--", label="batch size")
+        _log_scale(axes[1], noise[known])
+        axes[1].legend(fontsize=8)
+    axes[1].set_title("gradient noise scale B_simple and the batch size")
+    axes[1].set_xlabel("step")
+    fig.tight_layout()
+    return fig
+
+
 def through_time(data: ReportData) -> Figure | None:
     """‖∂L/∂x_t‖ over the time steps of each recurrent module's input, early/middle/late."""
     profiles = {name: p for name, p in data.through_time.items() if np.isfinite(p).any()}
@@ -359,6 +387,7 @@ CHARTS: dict[str, tuple[str, Callable[[ReportData], Figure | None]]] = {
 # Charts for what only some models have: shown when the run holds their data, else left out.
 OPTIONAL_CHARTS: dict[str, tuple[str, Callable[[ReportData], Figure | None]]] = {
     "through_time": ("Gradient through time (recurrent modules)", through_time),
+    "per_example": ("Per-example gradient norms and the noise scale", per_example),
 }
 
 

@@ -201,6 +201,7 @@ class ModuleProbes:
         self.forward_order: list[int] = []  # columns in the order of their first forward call
         self._seen: set[int] = set()
         self.mode = 0
+        self.histograms = False  # whether this probe step counts `act_hist`
         width = len(self._modules)
         wide = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
         self._sums = torch.zeros(width, device=device)  # Σ sum(y): non-finite if y was
@@ -268,7 +269,8 @@ class ModuleProbes:
                     self._output_dtypes[column] = str(y.dtype).removeprefix("torch.")
                 moments = activation_moments(y, bounds).to(self._moments)
                 self._moments.select(0, column).add_(moments)
-                self._act_hist.select(0, column).add_(act_histogram(y).to(self._act_hist))
+                if self.histograms:
+                    self._act_hist.select(0, column).add_(act_histogram(y).to(self._act_hist))
                 fired = fired_units(y)
                 if fired is not None:
                     fired = fired.to(self.device)

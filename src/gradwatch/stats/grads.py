@@ -18,6 +18,9 @@ step. The rest wait for probe steps (each further pass costs about 3% of an MLP 
                    the snapshot is a copy of the parameters held from the step pre-hook to the
                    post-hook (one copy, two passes).
 - `grad_hist`      a histogram of log10|g| per tensor (`histograms.py`); probe steps.
+- `pe_norm_p50`, `pe_norm_p95`, `pe_norm_max`  the median, 95th percentile and largest of the
+                   tensor's per-example gradient norms (`per_example.py`); probe steps, with
+                   `gw.watch(..., per_example=True)` only.
 
 Under FSDP2 every pass runs on this rank's shard (`local_tensor`), and a buffer row holds the
 shard's partials until the flush combines them (`combine_shards`): norms as themselves, maxima,
@@ -41,8 +44,20 @@ TENSOR_STATS: tuple[str, ...] = (
     "grad_nonfinite",
     "param_norm",
     "update_ratio",
+    "pe_norm_p50",
+    "pe_norm_p95",
+    "pe_norm_max",
 )
-GRAD_NORM, GRAD_MAX, GRAD_NONFINITE, PARAM_NORM, UPDATE_RATIO = range(len(TENSOR_STATS))
+(
+    GRAD_NORM,
+    GRAD_MAX,
+    GRAD_NONFINITE,
+    PARAM_NORM,
+    UPDATE_RATIO,
+    PE_NORM_P50,
+    PE_NORM_P95,
+    PE_NORM_MAX,
+) = range(len(TENSOR_STATS))
 
 
 def l2_norms(tensors: list[Tensor]) -> Tensor:

@@ -66,11 +66,12 @@ _GRAD_BIN = np.select(
 )
 
 
-def grad_wide_index(values: Tensor) -> Tensor:
+def grad_wide_index(flat: Tensor) -> Tensor:
     """w = ⌊4·log10|g|⌋ + 200 per entry (int32): below 20 for |g| < 1e-45 (zeros), 20-103 for
     [1e-45, 1e-24), 104-215 for the quarter-decades of [1e-24, 1e4), above for larger ones, and
-    `_NONFINITE` for NaN/±Inf. Five in-place passes over a float32 copy, and the conversion."""
-    wide = values.float().abs().log10_().mul_(4).floor_().add_(200)
+    `_NONFINITE` for NaN/±Inf. Works in place on `flat`, a temporary (a float32 one, or a copy):
+    six in-place passes and the conversion."""
+    wide = flat.float().abs_().log10_().mul_(4).floor_().add_(200)
     wide.nan_to_num_(nan=_NONFINITE, posinf=_NONFINITE, neginf=0).clamp_(0, _NONFINITE)
     return wide.int()
 
