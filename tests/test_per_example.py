@@ -4,6 +4,7 @@ examples of ∇ℓ_i), for every rule and the fallback, and leave the model as t
 from __future__ import annotations
 
 import copy
+import warnings
 
 import numpy as np
 import pytest
@@ -348,3 +349,18 @@ def test_report_draws_per_example_norms_and_the_noise_scale(tmp_path):
         model(x).sum().backward()
         watcher.step()
     assert "chart-per_example" not in gw.report(plain, tmp_path / "plain.html").read_text()
+
+
+def test_watch_covers_fallback_modules_without_recording_their_replays(tmp_path):
+    """nn.MultiheadAttention goes through the torch.func fallback, which re-runs the module:
+    gradwatch's own probes must not record that replay (it used to fail the fallback)."""
+    torch.manual_seed(0)
+    model = TinyTransformer()
+    tokens, targets = torch.randint(1, 11, (4, 7)), torch.randint(0, 11, (4, 7))
+    expected = reference(model, cross_entropy, tokens, targets)
+    totals = torch.stack([n.square() for n in expected.values()]).sum(0).sqrt()
+    with warnings.catch_warnings():  # the fallback's once-warning, torch.func's
+        warnings.simplefilter("ignore")
+        run, _ = watch_steps(model, [(tokens, targets)] * 2, tmp_path)
+    np.testing.assert_allclose(run.series("pe_total_max"), float(totals.max()), rtol=1e-4)
+    assert np.isfinite(run.series("signal_norm")).any()  # the probes still recorded the step

@@ -25,13 +25,13 @@ class WatchConfig:
         `grad_nonfinite`, `param_norm`, `update_ratio` and the module statistics: one copy of the
         parameters held during `optimizer.step()`, about five more passes, and a tensor hook and
         a few reductions per probed module. None turns probe steps off.
-    flush_every: recorded steps per block. Device memory: flush_every x (tensors x 5 + modules x
+    flush_every: recorded steps per block. Device memory: flush_every x (tensors x 8 + modules x
         10) x 4 bytes; one device-to-host copy and one committed database transaction per block. A
         killed process loses at most the steps since the last flush.
     histogram_every: every `histogram_every`-th probe step (counted in probe steps: the first
         one, then every n-th) also counts the histograms `grad_hist` and `act_hist` (see
         `stats/histograms.py`): about ten element-wise passes over a copy of the gradients and
-        over each probed module's output, and a `bincount`. On 2 CPU cores that adds 1x to 3x a
+        over each probed module's output, and a `bincount`. On 2 CPU cores that adds 0.4x to 2x a
         plain step to such a probe step, so the default takes them on every tenth probe step
         (every 100 steps with probe_every=10). None turns them off.
     per_example: on probe steps, also each example's gradient norm (`pe_norm_*` per tensor,

@@ -18,6 +18,7 @@ from __future__ import annotations
 import atexit
 import datetime
 import logging
+import warnings
 import weakref
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -117,6 +118,7 @@ class Watcher:
         )
         self._probe_arrays = ProbeArrays()
         self._example_probes: ExampleProbes | None = None
+        self._warned_skipped = False
         if config.per_example:
             if topo.distributed:
                 raise ValueError(
@@ -350,9 +352,24 @@ class Watcher:
         """The probe step's per-example gradient norms: quantiles per tensor, the totals' and
         the noise scale as scalars (see `stats/per_example.py`, `stats/noise_scale.py`)."""
         assert self._example_probes is not None
-        found = self._example_probes.record(self.inventory.device)
+        # The fallback re-runs modules: gradwatch's own probes must not record those calls.
+        mode, self._module_probes.mode = self._module_probes.mode, 0
+        self._time_probes.probe = False
+        try:
+            found = self._example_probes.record(self.inventory.device)
+        finally:
+            self._module_probes.mode = mode
+            self._time_probes.probe = self._probes(self._step)
         if found is None:
             return
+        if found.skipped and not self._warned_skipped:
+            self._warned_skipped = True
+            reasons = "; ".join(f"{n}: {r}" for n, r in list(found.skipped.items())[:3])
+            warnings.warn(
+                f"gradwatch: per-example norms leave out {len(found.skipped)} tensor(s), so the "
+                f"totals and gns_simple are NaN: {reasons}",
+                stacklevel=2,
+            )
         tensors = self._tensor_rows.data[row]
         tensors[:, PE_NORM_P50 : PE_NORM_MAX + 1] = found.quantiles().to(tensors)
         squares = found.totals()

@@ -5,24 +5,13 @@ Example i's gradient is ∇ℓ_i: with the batch loss L = mean_i ℓ_i it is B �
 contribution to ∇L (the contribution itself with `reduction="sum"`), so a masked or padded
 sequence loss counts what it counts. The contribution of a layer's parameters comes from the
 layer's input a and the backpropagated signal g = ∂L/∂y at its output, both captured by hooks
-during one forward and one backward; per module kind (a registry, as BackPACK keeps one):
+(`Capture`) during one forward and one backward, and turned into per-example squared norms by
+the rules of `ghost_norms.py` (Linear, Conv, Embedding, normalisation layers; a torch.func
+fallback for every other module that owns parameters, such as `nn.MultiheadAttention` whose
+`out_proj` is used without being called, `nn.LSTM`, or a positional embedding owned by the root).
 
-- `nn.Linear`, inputs [B, d_in] or [B, T, d_in]: W's example gradient is Σ_t g_t a_tᵀ, and
-  ‖Σ_t g_t a_tᵀ‖² = Σ_{t,s} (a_t·a_s)(g_t·g_s): with T² ≤ d_in·d_out from the two [B, T, T] Gram
-  matrices (T = 1: ‖a‖²‖g‖²), else from the materialised [B, d_out, d_in]; the bias's is Σ_t g_t.
-- `nn.Conv1d`/`nn.Conv2d` (zero padding, groups = 1): the same on the unfolded input patches
-  [B, C_in·k, L] with T = L positions.
-- `nn.Embedding`: Σ_{t,s} [token_t = token_s ≠ padding_idx] (g_t·g_s), a [B, T, T] Gram matrix.
-- `nn.LayerNorm`, `nn.GroupNorm`, `nn.RMSNorm`, `nn.BatchNorm*d`: the affine weight's example
-  gradient is Σ g ⊙ x̂ (x̂ the normalised input), the bias's Σ g, over all but the channel axes.
-  BatchNorm in training mode normalises with the batch's statistics, which couple the examples:
-  the result treats them as constants, and a warning says so.
-- Anything else that owns parameters (`nn.MultiheadAttention`, whose `out_proj` weight is used
-  without calling the Linear, a custom module, a learned positional embedding owned by the root
-  module): `torch.func` computes each example's vector-Jacobian product of that module alone with
-  its captured signal (vmap over the examples; an example-by-example loop where vmap cannot run,
-  as for `nn.LSTM`). It costs a per-example backward of that module and materialises its
-  per-example gradients; a warning names the module once.
+`per_example_grad_norms` is the direct API; `ExampleProbes` does the same on the probe steps of
+`gw.watch(..., per_example=...)`, where the noise scale (`noise_scale.py`) is updated too.
 
 A module called several times in one forward (weight tying, a cell over time) contributes the
 sum of its calls. A parameter the loss does not depend on has norm 0 for every example. One that
@@ -33,21 +22,22 @@ parameter out.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
+from gradwatch.stats.ghost_norms import (
+    Call,
+    batch_axis,
+    fallback_squares,
+    first_tensor,
+    rule_for,
+)
 from gradwatch.stats.noise_scale import NoiseScale
 
-_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm) + (
-    (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
-)
-_warned: set[str] = set()
 _UNREACHED = (
     "it is used outside a forward call of its module, by a module that owns no parameter of "
     "its own (gradwatch captures those that do)"
@@ -63,15 +53,6 @@ class PerExampleNorms:
     total: Tensor
     per_tensor: dict[str, Tensor]
     skipped: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass
-class Call:
-    """One call of a module: its inputs, and the signal ∂L/∂y at its (first) output."""
-
-    args: tuple[Any, ...]
-    kwargs: dict[str, Any]
-    signal: Tensor | None = None
 
 
 class Capture:
@@ -99,7 +80,7 @@ class Capture:
                 return
             call = Call(_detached(args), _detached(kwargs))
             self.passes[-1].setdefault(name, []).append(call)
-            y = output if isinstance(output, Tensor) else _first_tensor(output)
+            y = output if isinstance(output, Tensor) else first_tensor(output)
             if y is not None and y.requires_grad:
 
                 def keep(grad: Tensor) -> None:
@@ -194,7 +175,7 @@ def example_squares(
         if not reached:
             skipped.update(dict.fromkeys(own, "its module's output did not reach the loss"))
             continue
-        rule = _rule(module, reached)
+        rule = rule_for(module, reached)
         if rule is not None:
             if batch_dim != 0:
                 reached = [_batch_first(c, batch, batch_dim) for c in reached]
@@ -213,7 +194,7 @@ def example_squares(
             **uncalled.get(name, {}),
         }
         try:
-            found = _fallback(module, name, reached, batch, batch_dim, local)
+            found = fallback_squares(module, name, reached, batch, batch_dim, local)
         except Exception as exc:  # a module torch.func cannot handle: say so, never guess
             reason = f"{type(module).__name__} has no rule and its fallback failed: {exc}"
             skipped.update({f"{prefix}{n}": reason for n in local})
@@ -222,241 +203,12 @@ def example_squares(
     return squares, skipped
 
 
-Rule = Callable[[nn.Module, list[Call]], dict[str, Tensor]]
-
-
-def _rule(module: nn.Module, calls: list[Call]) -> Rule | None:
-    """The registry: the ghost-norm rule for the module's kind, or None (use the fallback)."""
-    if isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward:
-        return _linear
-    if (
-        isinstance(module, (nn.Conv1d, nn.Conv2d))
-        and module.groups == 1
-        and module.padding_mode == "zeros"
-        and not isinstance(module.padding, str)
-    ):
-        return _conv
-    if (
-        isinstance(module, nn.Embedding)
-        and module.max_norm is None
-        and not module.scale_grad_by_freq
-        and not module.sparse
-    ):
-        return _embedding
-    if isinstance(module, _NORMS):
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
-            _warn_once(
-                f"batchnorm:{id(module)}",
-                f"gradwatch: {type(module).__name__} in training mode normalises with the "
-                "batch's statistics, which couple the examples: its per-example gradient norms "
-                "treat those statistics as constants (use eval mode for exact ones)",
-            )
-        return _norm
-    return None
-
-
-def _linear(module: nn.Module, calls: list[Call]) -> dict[str, Tensor]:
-    a = _joined([_as_sequence(c.args[0]) for c in calls], dim=1)
-    g = _joined([_as_sequence(c.signal) for c in calls], dim=1)
-    out = {"weight": _outer_squares(a, g)}
-    if module.bias is not None:
-        out["bias"] = g.sum(dim=1).square().sum(dim=1)
-    return out
-
-
-def _conv(module: nn.Module, calls: list[Call]) -> dict[str, Tensor]:
-    patches, signals = [], []
-    for call in calls:
-        x, g = call.args[0], call.signal
-        if isinstance(module, nn.Conv1d):  # as a 2-d convolution of height 1
-            x, g = x.unsqueeze(2), g.unsqueeze(2)
-            kernel, dilation = (1, *module.kernel_size), (1, *module.dilation)
-            padding, stride = (0, *module.padding), (1, *module.stride)
-        else:
-            kernel, dilation = module.kernel_size, module.dilation
-            padding, stride = module.padding, module.stride
-        unfolded = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
-        patches.append(unfolded.transpose(1, 2))  # [B, L, C_in·k], a view
-        signals.append(g.flatten(2).transpose(1, 2))  # [B, L, C_out], a view
-    a, g = _joined(patches, dim=1), _joined(signals, dim=1)
-    out = {"weight": _outer_squares(a, g)}
-    if module.bias is not None:
-        out["bias"] = g.sum(dim=1).square().sum(dim=1)
-    return out
-
-
-def _embedding(module: nn.Module, calls: list[Call]) -> dict[str, Tensor]:
-    tokens = torch.cat([c.args[0].reshape(c.args[0].shape[0], -1) for c in calls], dim=1)
-    width = module.embedding_dim
-    g = torch.cat([c.signal.reshape(c.signal.shape[0], -1, width) for c in calls], dim=1).float()
-    same = tokens[:, :, None] == tokens[:, None, :]
-    if module.padding_idx is not None:
-        counted = tokens != module.padding_idx
-        same = same & counted[:, :, None] & counted[:, None, :]
-    gram = torch.bmm(g, g.transpose(1, 2))
-    return {"weight": (gram * same).sum(dim=(1, 2)).clamp_min(0)}
-
-
-def _norm(module: nn.Module, calls: list[Call]) -> dict[str, Tensor]:
-    weight = bias = 0
-    for call in calls:
-        x, g = call.args[0].float(), call.signal.float()
-        normalised, channel_dims = _normalised(module, x)
-        others = tuple(d for d in range(x.dim()) if d not in channel_dims and d != 0)
-        # (sum over an empty tuple of axes would reduce every axis)
-        weight = weight + ((g * normalised).sum(dim=others) if others else g * normalised)
-        bias = bias + (g.sum(dim=others) if others else g)
-    out = {}
-    if getattr(module, "weight", None) is not None and module.weight.requires_grad:
-        out["weight"] = weight.flatten(1).square().sum(dim=1)
-    if getattr(module, "bias", None) is not None and module.bias.requires_grad:
-        out["bias"] = bias.flatten(1).square().sum(dim=1)
-    return out
-
-
-def _normalised(module: nn.Module, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
-    """(x̂, the axes the affine parameters span) of a normalisation layer's input."""
-    if isinstance(module, nn.LayerNorm) or (
-        hasattr(nn, "RMSNorm") and isinstance(module, nn.RMSNorm)
-    ):
-        dims = tuple(range(x.dim() - len(module.normalized_shape), x.dim()))
-        if isinstance(module, nn.LayerNorm):
-            var, mean = torch.var_mean(x, dim=dims, keepdim=True, unbiased=False)
-            return (x - mean) / torch.sqrt(var + module.eps), dims
-        eps = module.eps if module.eps is not None else torch.finfo(x.dtype).eps
-        return x * torch.rsqrt(x.square().mean(dim=dims, keepdim=True) + eps), dims
-    if isinstance(module, nn.GroupNorm):
-        grouped = x.reshape(x.shape[0], module.num_groups, -1)
-        var, mean = torch.var_mean(grouped, dim=2, keepdim=True, unbiased=False)
-        return ((grouped - mean) / torch.sqrt(var + module.eps)).reshape(x.shape), (1,)
-    # BatchNorm: running statistics in eval mode, the batch's in training mode.
-    shape = [1, -1] + [1] * (x.dim() - 2)
-    if module.training or module.running_mean is None:
-        dims = tuple(d for d in range(x.dim()) if d != 1)
-        var, mean = torch.var_mean(x, dim=dims, keepdim=True, unbiased=False)
-    else:
-        mean, var = module.running_mean.view(shape), module.running_var.view(shape)
-    return (x - mean) / torch.sqrt(var + module.eps), (1,)
-
-
-def _outer_squares(a: Tensor, g: Tensor) -> Tensor:
-    """‖Σ_t g_t a_tᵀ‖² per example for a [B, T, d_in], g [B, T, d_out] (views are fine: the
-    batched matrix products read transposed layouts as they are): from the [B, T, T] Gram
-    matrices when T² ≤ d_in·d_out, else from the materialised [B, d_out, d_in]."""
-    a, g = a.float(), g.float()
-    steps, d_in, d_out = a.shape[1], a.shape[2], g.shape[2]
-    if steps == 1:
-        return a.square().sum(dim=(1, 2)) * g.square().sum(dim=(1, 2))
-    if steps * steps <= d_in * d_out:
-        gram = torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))
-        return gram.sum(dim=(1, 2)).clamp_min(0)
-    per_example = torch.bmm(g.transpose(1, 2), a)
-    return torch.linalg.vector_norm(per_example, dim=(1, 2)).square()
-
-
-def _joined(parts: list[Tensor], dim: int) -> Tensor:
-    """The calls' tensors joined along `dim` (the one call's tensor itself, without a copy)."""
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
-
-
-def _fallback(
-    module: nn.Module,
-    name: str,
-    calls: list[Call],
-    batch: int,
-    batch_dim: int,
-    params: dict[str, nn.Parameter],
-) -> dict[str, Tensor]:
-    """Per-example squared norms of `params` (named relative to `module`: its own and those of
-    descendants it uses without calling them) by each example's vector-Jacobian product of the
-    module alone, with its captured signal as the cotangent."""
-    from torch.func import functional_call, vjp, vmap
-
-    _warn_once(
-        f"fallback:{type(module).__name__}",
-        f"gradwatch: no ghost-norm rule for {type(module).__name__} ({name!r}): its per-example "
-        "gradients come from torch.func, one vector-Jacobian product of the module per example "
-        "(they are materialised)",
-    )
-    detached = {n: p.detach() for n, p in params.items()}
-    sums: dict[str, Tensor] = {}
-    for call in calls:
-        tensors, axes, rebuild = _batched_leaves(call, batch, batch_dim)
-
-        def one(*example: Tensor, axes: list[int] = axes, rebuild: Any = rebuild) -> Any:
-            *leaves, signal = [t.unsqueeze(a) for t, a in zip(example, axes, strict=True)]
-            args, kwargs = rebuild(leaves)
-
-            def forward(p: dict[str, Tensor]) -> Tensor:
-                out = functional_call(module, p, args, kwargs)
-                return out if isinstance(out, Tensor) else _first_tensor(out)
-
-            return vjp(forward, detached)[1](signal)[0]
-
-        try:
-            grads = vmap(one, in_dims=tuple(axes))(*tensors)
-        except Exception:  # vmap cannot run the module (nn.LSTM): one example at a time
-            rows = [
-                one(*(t.select(a, i) for t, a in zip(tensors, axes, strict=True)))
-                for i in range(batch)
-            ]
-            grads = {n: torch.stack([r[n] for r in rows]) for n in detached}
-        for n, g in grads.items():
-            sums[n] = g if n not in sums else sums[n] + g
-    return {n: g.flatten(1).float().square().sum(dim=1) for n, g in sums.items()}
-
-
-def _batched_leaves(
-    call: Call, batch: int, batch_dim: int
-) -> tuple[
-    list[Tensor], list[int], Callable[[list[Tensor]], tuple[tuple[Any, ...], dict[str, Any]]]
-]:
-    """The call's batched tensors (args, kwargs, then the signal), the axis of each, and a
-    function that puts example tensors back into (args, kwargs)."""
-    args, kwargs = list(call.args), dict(call.kwargs)
-    places: list[tuple[str, Any]] = []
-    tensors, axes = [], []
-    for where, items in (("arg", enumerate(args)), ("kwarg", kwargs.items())):
-        for key, value in items:
-            axis = _batch_axis(value, batch, batch_dim)
-            if axis is not None:
-                places.append((where, key))
-                tensors.append(value)
-                axes.append(axis)
-    signal_axis = _batch_axis(call.signal, batch, batch_dim)
-    if signal_axis is None:
-        raise ValueError("the module's output has no batch axis")
-    tensors.append(call.signal)
-    axes.append(signal_axis)
-
-    def rebuild(leaves: list[Tensor]) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        new_args, new_kwargs = list(args), dict(kwargs)
-        for (where, key), leaf in zip(places, leaves, strict=True):
-            if where == "arg":
-                new_args[key] = leaf
-            else:
-                new_kwargs[key] = leaf
-        return tuple(new_args), new_kwargs
-
-    return tensors, axes, rebuild
-
-
-def _batch_axis(value: Any, batch: int, batch_dim: int) -> int | None:
-    """The batch axis of a tensor argument: `batch_dim` if it has the batch's size there, else
-    0 if it has it there (a key_padding_mask is [B, S] whatever the layout), else None."""
-    if not isinstance(value, Tensor) or value.dim() == 0:
-        return None
-    if value.dim() > batch_dim and value.shape[batch_dim] == batch:
-        return batch_dim
-    return 0 if value.shape[0] == batch else None
-
-
 def _batch_first(call: Call, batch: int, batch_dim: int) -> Call:
     """The call with the batch axis of its first input and its signal moved to the front."""
     x = call.args[0]
-    moved = x.movedim(batch_dim, 0) if _batch_axis(x, batch, batch_dim) == batch_dim else x
+    moved = x.movedim(batch_dim, 0) if batch_axis(x, batch, batch_dim) == batch_dim else x
     signal = call.signal
-    if signal is not None and _batch_axis(signal, batch, batch_dim) == batch_dim:
+    if signal is not None and batch_axis(signal, batch, batch_dim) == batch_dim:
         signal = signal.movedim(batch_dim, 0)
     return Call((moved, *call.args[1:]), call.kwargs, signal)
 
@@ -484,19 +236,6 @@ def _uncalled_descendants(
     return found
 
 
-def _as_sequence(t: Tensor) -> Tensor:
-    """[B, ..., d] as [B, T, d]."""
-    return t.reshape(t.shape[0], -1, t.shape[-1])
-
-
-def _first_tensor(output: Any) -> Tensor | None:
-    if isinstance(output, Tensor):
-        return output
-    if isinstance(output, (tuple, list)):
-        return next((t for t in map(_first_tensor, output) if t is not None), None)
-    return None
-
-
 def _detached(value: Any) -> Any:
     if isinstance(value, Tensor):
         return value.detach()
@@ -517,12 +256,6 @@ def _batch_size(inputs: Sequence[Any], batch_dim: int) -> int:
         f"per_example_grad_norms needs a tensor input with a batch axis {batch_dim} "
         "(pass the batch as *inputs, and batch_dim if the batch is not the first axis)"
     )
-
-
-def _warn_once(key: str, message: str) -> None:
-    if key not in _warned:
-        _warned.add(key)
-        warnings.warn(message, stacklevel=3)
 
 
 class ExampleProbes:
@@ -571,6 +304,15 @@ class ExampleProbes:
         if self._capture is None or not self._capture.passes:
             return None
         passes, self._capture.passes = self._capture.passes, []
+        self._capture.active = False  # the fallback re-runs modules: not a pass to record
+        try:
+            return self._statistics(passes, device)
+        finally:
+            self._capture.active = self._active
+
+    def _statistics(
+        self, passes: list[dict[str, list[Call]]], device: torch.device
+    ) -> ExampleStatistics | None:
         params = dict(self.model.named_parameters())
         parts: list[dict[str, Tensor]] = []
         skipped: dict[str, str] = {}

@@ -67,7 +67,7 @@ class TimeProbes:
     """Forward pre-hooks on the recurrent modules that profile ∂L/∂x over time on probe steps.
 
     `probe` is set by the watcher: True while the forward pass in progress belongs to a probe
-    step. `write(row, columns)` fills the per-module statistics row and returns the step's
+    step. `write(row, cells)` fills the per-module statistics row and returns the step's
     profiles [modules, TIME_POINTS] (NaN where no time step was seen), then starts afresh.
     """
 
