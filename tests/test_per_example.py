@@ -364,3 +364,36 @@ def test_watch_covers_fallback_modules_without_recording_their_replays(tmp_path)
         run, _ = watch_steps(model, [(tokens, targets)] * 2, tmp_path)
     np.testing.assert_allclose(run.series("pe_total_max"), float(totals.max()), rtol=1e-4)
     assert np.isfinite(run.series("signal_norm")).any()  # the probes still recorded the step
+
+
+def test_a_fallback_module_with_dropout_in_training_is_skipped_not_replayed():
+    """Replaying attention dropout example by example would draw new masks: not the step's."""
+    torch.manual_seed(0)
+    attention = nn.MultiheadAttention(8, 2, dropout=0.5, batch_first=True)
+    x = torch.randn(3, 5, 8)
+
+    def forward_loss(out):
+        return out[0].square().mean()
+
+    class Wrapper(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attention = attention
+
+        def forward(self, x):
+            return self.attention(x, x, x, need_weights=False)
+
+    found = gw.per_example_grad_norms(Wrapper(), forward_loss, x)
+    assert set(found.skipped) == {
+        "attention.in_proj_weight",
+        "attention.in_proj_bias",
+        "attention.out_proj.weight",
+        "attention.out_proj.bias",
+    }
+    assert "attention dropout (p=0.5)" in found.skipped["attention.in_proj_weight"]
+    assert torch.isnan(found.total).all()
+    model = Wrapper().eval()  # no dropout: the fallback runs
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        evaluated = gw.per_example_grad_norms(model, forward_loss, x)
+    assert evaluated.skipped == {} and torch.isfinite(evaluated.total).all()

@@ -19,7 +19,9 @@ per parameter, the squared norm of each example's contribution [B]:
 - Anything else (`fallback_squares`): each example's vector-Jacobian product of that module
   alone with its captured signal, by `torch.func` (vmap over the examples; example by example
   where vmap cannot run, as for `nn.LSTM`). It costs a per-example backward of the module and
-  materialises its per-example gradients; a warning names the module once.
+  materialises its per-example gradients; a warning names the module once. A module with dropout
+  in training mode is not replayed (new masks would not be the step's): its parameters are
+  skipped with that reason.
 """
 
 from __future__ import annotations
@@ -265,6 +267,19 @@ def _batched_leaves(
         return tuple(new_args), new_kwargs
 
     return tensors, axes, rebuild
+
+
+def random_in_training(module: nn.Module) -> str | None:
+    """What in `module` draws random numbers in training mode (dropout with p > 0), or None: a
+    replay of such a module does not reproduce the step."""
+    for inner in module.modules():
+        if not inner.training:
+            continue
+        if isinstance(inner, nn.modules.dropout._DropoutNd) and inner.p > 0:
+            return f"{type(inner).__name__}(p={inner.p})"
+        if isinstance(inner, nn.MultiheadAttention) and inner.dropout > 0:
+            return f"attention dropout (p={inner.dropout})"
+    return None
 
 
 def batch_axis(value: Any, batch: int, batch_dim: int) -> int | None:

@@ -34,6 +34,7 @@ from gradwatch.stats.ghost_norms import (
     batch_axis,
     fallback_squares,
     first_tensor,
+    random_in_training,
     rule_for,
 )
 from gradwatch.stats.noise_scale import NoiseScale
@@ -193,6 +194,15 @@ def example_squares(
             **{n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad},
             **uncalled.get(name, {}),
         }
+        random = random_in_training(module)
+        if random is not None:
+            reason = (
+                f"{type(module).__name__} has no rule, and the torch.func fallback would replay "
+                f"its {random} in training mode with new random masks (not the step's): put "
+                "the model in eval mode or set that dropout to 0 for per-example norms"
+            )
+            skipped.update({f"{prefix}{n}": reason for n in local})
+            continue
         try:
             found = fallback_squares(module, name, reached, batch, batch_dim, local)
         except Exception as exc:  # a module torch.func cannot handle: say so, never guess
