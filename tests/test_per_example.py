@@ -397,3 +397,10 @@ def test_a_fallback_module_with_dropout_in_training_is_skipped_not_replayed():
         warnings.simplefilter("ignore")
         evaluated = gw.per_example_grad_norms(model, forward_loss, x)
     assert evaluated.skipped == {} and torch.isfinite(evaluated.total).all()
+
+
+def test_conv_with_few_positions_uses_the_gram_branch():
+    """L² ≤ C_in·k·C_out (4² ≤ 72·8): the Gram matrices of the unfolded patches."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(32, 3))
+    check(model, torch.randn(5, 8, 2, 2), torch.randint(0, 3, (5,)))
