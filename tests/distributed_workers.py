@@ -29,6 +29,23 @@ def make_model() -> nn.Sequential:
     )
 
 
+class Recurrent(nn.Module):
+    """A GRU over the 6 features read as 3 time steps of 2, then a Linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gru = nn.GRU(2, 8, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.gru(x.reshape(x.shape[0], 3, 2))[0][:, -1])
+
+
+def make_recurrent() -> Recurrent:
+    torch.manual_seed(0)
+    return Recurrent()
+
+
 def batches(steps: int = STEPS) -> list[tuple[torch.Tensor, torch.Tensor]]:
     generator = torch.Generator().manual_seed(1)
     return [
@@ -150,6 +167,7 @@ def scenario_ddp(out: Path, rank: int, world: int) -> dict:
     hooks_before = hook_count(model)
     train(model, out / f"ddp-rank{rank}", rank, world)
     result = {"hooks_left": hook_count(model) - hooks_before}
+    train(nn.parallel.DistributedDataParallel(make_recurrent()), out / "ddp-rnn", rank, world)
     result["own_dir_exists"] = (out / f"ddp-rank{rank}").exists()
     w = train(ddp(), out / "ddp-nan-input", rank, world, poison_input=(2, 1))
     result["findings"] = [(f.kind, f.layer, f.step, f.evidence) for f in w.findings()]

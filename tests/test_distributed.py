@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from distributed_workers import full_parameters, make_model, train
+from distributed_workers import full_parameters, make_model, make_recurrent, train
 
 import gradwatch as gw
 
@@ -128,6 +128,19 @@ def test_ddp_store_holds_whole_model_and_global_batch_statistics(ddp_run, single
     }
     # Probe steps carry module statistics of the global batch, not rank 0's half.
     assert np.isfinite(run.series("signal_norm")[run.steps % 2 == 0]).all()
+
+
+def test_ddp_gradient_through_time_is_the_global_batchs(ddp_run, tmp_path):
+    out, _ = ddp_run
+    train(make_recurrent(), tmp_path / "single")
+    run, reference = gw.open_run(out / "ddp-rnn"), gw.open_run(tmp_path / "single")
+    profiles, expected = run.through_time(), reference.through_time()
+    assert list(profiles) == ["gru"] and np.isfinite(expected["gru"]).any()
+    np.testing.assert_allclose(profiles["gru"], expected["gru"], rtol=1e-5, atol=1e-9)
+    for name in ("time_first_to_last", "time_decay", "time_reach"):
+        np.testing.assert_allclose(
+            run.series(name), reference.series(name), rtol=1e-5, err_msg=name
+        )
 
 
 def test_ddp_only_rank_0_writes_and_every_hook_is_removed(ddp_run):
