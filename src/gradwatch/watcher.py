@@ -18,7 +18,6 @@ from __future__ import annotations
 import atexit
 import datetime
 import logging
-import warnings
 import weakref
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -42,27 +41,22 @@ from gradwatch.distributed import (
 )
 from gradwatch.guards.base import Guard, GuardContext
 from gradwatch.inventory import Inventory
+from gradwatch.probe_records import ProbeRecords
 from gradwatch.run_start import fingerprint, open_store, run_meta
 from gradwatch.sinks.base import Sink
-from gradwatch.stats.buffer import BlockBuffer, PendingBlock, ProbeArrays, StatsBlock
+from gradwatch.stats.buffer import BlockBuffer, PendingBlock, StatsBlock
 from gradwatch.stats.flow import MODULE_STATS, ModuleProbes, combine_flags
 from gradwatch.stats.grads import (
-    GRAD_NORM,
-    PE_NORM_MAX,
-    PE_NORM_P50,
     TENSOR_STATS,
     GradStatistics,
     PresentGroup,
     combine_shards,
     global_norm,
 )
-from gradwatch.stats.per_example import ExampleProbes
-from gradwatch.stats.through_time import TIME_STATS, TimeProbes
 
 logger = logging.getLogger("gradwatch")
 
 GLOBAL_GRAD_NORM = "global_grad_norm"
-GRAD_THROUGH_TIME = "grad_through_time"
 _watched_models: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 
@@ -110,24 +104,7 @@ class Watcher:
         self._module_probes = ModuleProbes(
             model, self.inventory.device, topo.ranks, topo.rank, topo.world_size
         )
-        self._time_probes = TimeProbes(model, self.inventory.device, topo.ranks, topo.world_size)
-        recurrent = [self._module_probes.names.index(n) for n in self._time_probes.names]
-        self._time_cells = (  # where the through-time summary goes in a module row
-            torch.tensor(recurrent, dtype=torch.long, device=self.inventory.device)[:, None],
-            torch.tensor([MODULE_STATS.index(n) for n in TIME_STATS], device=self.inventory.device),
-        )
-        self._probe_arrays = ProbeArrays()
-        self._example_probes: ExampleProbes | None = None
-        self._warned_skipped = False
-        if config.per_example:
-            if topo.distributed:
-                raise ValueError(
-                    "per_example is not supported under torch.distributed yet (each rank sees "
-                    "only its own examples); watch without it, or compute the norms on one "
-                    "rank with gw.per_example_grad_norms"
-                )
-            reduction = "sum" if config.per_example == "sum" else "mean"
-            self._example_probes = ExampleProbes(model, self.inventory.names, reduction)
+        self._probe_records = ProbeRecords(model, self.inventory, self._module_probes, topo, config)
         self._diagnosis: Diagnosis | None = None  # set up at the first flush, see _fix_layout
         self._module_order: Tensor | None = None
         self._announced: set[tuple[str, str]] = set()
@@ -250,9 +227,7 @@ class Watcher:
             handle.remove()
         self._hooks.clear()
         self._module_probes.detach()
-        self._time_probes.detach()
-        if self._example_probes is not None:
-            self._example_probes.detach()
+        self._probe_records.detach()
         self._snapshot = None
         _watched_models.discard(self.model)
         try:
@@ -273,9 +248,7 @@ class Watcher:
     # ---- the step path -----------------------------------------------------------------------
     def _attach(self) -> None:
         self._module_probes.attach()
-        self._time_probes.attach()
-        if self._example_probes is not None:
-            self._example_probes.attach()
+        self._probe_records.attach()
         if self.optimizer is not None:
             self._hooks.append(self.optimizer.register_step_pre_hook(self._before_update))
             self._hooks.append(self.optimizer.register_step_post_hook(self._after_update))
@@ -343,63 +316,16 @@ class Watcher:
             self._record_scalar(row, GLOBAL_GRAD_NORM, norm)
             act_hist = self._module_probes.write(self._module_rows.data[row], probe)
             if act_hist is not None:
-                self._record_probe_arrays(step, present, act_hist, self._module_rows.data[row])
-            if probe and self._example_probes is not None:
-                self._record_examples(row)
+                self._probe_records.record(
+                    step,
+                    present,
+                    self._statistics,
+                    act_hist,
+                    (self._tensor_rows.data[row], self._module_rows.data[row]),
+                    histograms=self._histograms(step),
+                    record=lambda name, value: self._record_scalar(row, name, value),
+                )
         return norm
-
-    def _record_examples(self, row: int) -> None:
-        """The probe step's per-example gradient norms: quantiles per tensor, the totals' and
-        the noise scale as scalars (see `stats/per_example.py`, `stats/noise_scale.py`)."""
-        assert self._example_probes is not None
-        # The fallback re-runs modules: gradwatch's own probes must not record those calls.
-        mode, self._module_probes.mode = self._module_probes.mode, 0
-        self._time_probes.probe = False
-        try:
-            found = self._example_probes.record(self.inventory.device)
-        finally:
-            self._module_probes.mode = mode
-            self._time_probes.probe = self._probes(self._step)
-        if found is None:
-            return
-        if found.skipped and not self._warned_skipped:
-            self._warned_skipped = True
-            reasons = "; ".join(f"{n}: {r}" for n, r in list(found.skipped.items())[:3])
-            warnings.warn(
-                f"gradwatch: per-example norms leave out {len(found.skipped)} tensor(s), so the "
-                f"totals and gns_simple are NaN: {reasons}",
-                stacklevel=2,
-            )
-        tensors = self._tensor_rows.data[row]
-        tensors[:, PE_NORM_P50 : PE_NORM_MAX + 1] = found.quantiles().to(tensors)
-        squares = found.totals()
-        norms = squares.sqrt()
-        batch_square = torch.nansum(tensors[:, GRAD_NORM].double().square())
-        skipped = torch.isnan(squares).any()
-        scalars = {
-            "pe_examples": float(squares.numel()),
-            "pe_total_p50": torch.quantile(norms, 0.5),
-            "pe_total_max": norms.max(),
-            "pe_total_argmax": torch.where(skipped, torch.nan, norms.argmax().float()),
-            "pe_top_share": squares.max() / squares.sum(),
-            "gns_simple": self._example_probes.noise.update(squares, batch_square),
-        }
-        for name, value in scalars.items():
-            self._record_scalar(row, name, value)
-
-    def _record_probe_arrays(
-        self, step: int, present: list[PresentGroup], act_hist: Tensor, module_row: Tensor
-    ) -> None:
-        """What a probe step records as arrays: the histograms (on histogram steps) and the
-        gradient through time."""
-        arrays, device = self._probe_arrays, self.inventory.device
-        if self._histograms(step):
-            grad_hist = self._topology.shards.sum(self._statistics.histograms(present, device))
-            arrays.add("grad_hist", step, tuple(self.inventory.names), grad_hist)
-            arrays.add("act_hist", step, tuple(self._module_probes.names), act_hist)
-        if self._time_probes.names:
-            profile = self._time_probes.write(module_row, self._time_cells)
-            arrays.add(GRAD_THROUGH_TIME, step, tuple(self._time_probes.names), profile)
 
     def _apply_guards(
         self, step: int, present: list[PresentGroup], global_norm: Tensor, row: int | None
@@ -461,10 +387,7 @@ class Watcher:
         (the forward of step s runs while the counter is s, with or without an optimizer)."""
         self._step = step
         self._module_probes.mode = 2 if self._probes(step) else 1 if self._records(step) else 0
-        self._module_probes.histograms = self._histograms(step)
-        self._time_probes.probe = self._probes(step)
-        if self._example_probes is not None:
-            self._example_probes.active = self._probes(step)
+        self._probe_records.set_step(self._probes(step), self._histograms(step))
 
     def _open_row(self, step: int) -> int:
         """The buffer row of `step`, flushing a full buffer first."""
@@ -514,7 +437,7 @@ class Watcher:
                 self._module_rows.take(n, order=self._module_order, combine=combine_modules),
                 names,
                 self._scalar_rows.take(n, width=len(self._scalar_names), combine=combine_scalars),
-                self._probe_arrays.take(),
+                self._probe_records.take(),
             )
         )
         self._block_steps.clear()

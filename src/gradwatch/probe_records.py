@@ -1,0 +1,150 @@
+"""What a probe step records beyond the statistics rows: the histograms, the gradient through
+time of recurrent modules, and per-example gradient norms with the noise scale.
+
+The watcher owns one `ProbeRecords`; it tells it which kind of step the next forward pass
+belongs to (`set_step`), hands it each probe step's gradients and rows (`record`), and takes its
+arrays at each flush (`take`). Each part is described where it is computed:
+`stats/histograms.py`, `stats/through_time.py`, `stats/per_example.py`,
+`stats/noise_scale.py`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from gradwatch.config import WatchConfig
+from gradwatch.distributed import Topology
+from gradwatch.inventory import Inventory
+from gradwatch.stats.buffer import HostCopy, ProbeArrays
+from gradwatch.stats.flow import MODULE_STATS, ModuleProbes
+from gradwatch.stats.grads import GRAD_NORM, PE_NORM_MAX, PE_NORM_P50, GradStatistics, PresentGroup
+from gradwatch.stats.per_example import ExampleProbes
+from gradwatch.stats.through_time import TIME_STATS, TimeProbes
+
+GRAD_THROUGH_TIME = "grad_through_time"
+Record = Callable[[str, Tensor | float], None]
+
+
+class ProbeRecords:
+    """The histograms, gradients through time and per-example norms of probe steps."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        inventory: Inventory,
+        module_probes: ModuleProbes,
+        topology: Topology,
+        config: WatchConfig,
+    ) -> None:
+        self.inventory = inventory
+        self.module_probes = module_probes
+        self.topology = topology
+        device = inventory.device
+        self.time_probes = TimeProbes(model, device, topology.ranks, topology.world_size)
+        recurrent = [module_probes.names.index(n) for n in self.time_probes.names]
+        self._time_cells = (  # where the through-time summary goes in a module row
+            torch.tensor(recurrent, dtype=torch.long, device=device)[:, None],
+            torch.tensor([MODULE_STATS.index(n) for n in TIME_STATS], device=device),
+        )
+        self._arrays = ProbeArrays()
+        self.examples: ExampleProbes | None = None
+        self._warned_skipped = False
+        if config.per_example:
+            if topology.distributed:
+                raise ValueError(
+                    "per_example is not supported under torch.distributed yet (each rank sees "
+                    "only its own examples); watch without it, or compute the norms on one "
+                    "rank with gw.per_example_grad_norms"
+                )
+            reduction = "sum" if config.per_example == "sum" else "mean"
+            self.examples = ExampleProbes(model, inventory.names, reduction)
+        self._probe = False
+
+    def attach(self) -> None:
+        self.time_probes.attach()
+        if self.examples is not None:
+            self.examples.attach()
+
+    def detach(self) -> None:
+        self.time_probes.detach()
+        if self.examples is not None:
+            self.examples.detach()
+
+    def set_step(self, probe: bool, histograms: bool) -> None:
+        """What the next forward pass belongs to: a probe step, one with histograms."""
+        self._probe = probe
+        self.module_probes.histograms = histograms
+        self.time_probes.probe = probe
+        if self.examples is not None:
+            self.examples.active = probe
+
+    def record(
+        self,
+        step: int,
+        present: list[PresentGroup],
+        statistics: GradStatistics,
+        act_hist: Tensor,
+        rows: tuple[Tensor, Tensor],
+        histograms: bool,
+        record: Record,
+    ) -> None:
+        """A probe step's arrays (histograms on histogram steps, the gradient through time) and
+        per-example statistics; `rows` are its tensor and module rows, `record(name, value)`
+        stores a scalar of the step."""
+        tensor_row, module_row = rows
+        device = self.inventory.device
+        if histograms:
+            grad_hist = self.topology.shards.sum(statistics.histograms(present, device))
+            self._arrays.add("grad_hist", step, tuple(self.inventory.names), grad_hist)
+            self._arrays.add("act_hist", step, tuple(self.module_probes.names), act_hist)
+        if self.time_probes.names:
+            profile = self.time_probes.write(module_row, self._time_cells)
+            self._arrays.add(GRAD_THROUGH_TIME, step, tuple(self.time_probes.names), profile)
+        if self.examples is not None:
+            self._record_examples(tensor_row, record)
+
+    def take(self) -> dict[str, tuple[list[int], tuple[str, ...], HostCopy]]:
+        """The arrays recorded since the last flush, on their way to the host."""
+        return self._arrays.take()
+
+    def _record_examples(self, tensor_row: Tensor, record: Record) -> None:
+        """Per-example norms: quantiles per tensor into the row, the totals' and the noise scale
+        as scalars."""
+        assert self.examples is not None
+        # The fallback re-runs modules: gradwatch's own probes must not record those calls.
+        mode, self.module_probes.mode = self.module_probes.mode, 0
+        self.time_probes.probe = False
+        try:
+            found = self.examples.record(self.inventory.device)
+        finally:
+            self.module_probes.mode = mode
+            self.time_probes.probe = self._probe
+        if found is None:
+            return
+        if found.skipped and not self._warned_skipped:
+            self._warned_skipped = True
+            reasons = "; ".join(f"{n}: {r}" for n, r in list(found.skipped.items())[:3])
+            warnings.warn(
+                f"gradwatch: per-example norms leave out {len(found.skipped)} tensor(s), so the "
+                f"totals and gns_simple are NaN: {reasons}",
+                stacklevel=2,
+            )
+        tensor_row[:, PE_NORM_P50 : PE_NORM_MAX + 1] = found.quantiles().to(tensor_row)
+        squares = found.totals()
+        norms = squares.sqrt()
+        batch_square = torch.nansum(tensor_row[:, GRAD_NORM].double().square())
+        skipped = torch.isnan(squares).any()
+        scalars = {
+            "pe_examples": float(squares.numel()),
+            "pe_total_p50": torch.quantile(norms, 0.5),
+            "pe_total_max": norms.max(),
+            "pe_total_argmax": torch.where(skipped, torch.nan, norms.argmax().float()),
+            "pe_top_share": squares.max() / squares.sum(),
+            "gns_simple": self.examples.noise.update(squares, batch_square),
+        }
+        for name, value in scalars.items():
+            record(name, value)
