@@ -352,8 +352,8 @@ def test_report_draws_per_example_norms_and_the_noise_scale(tmp_path):
 
 
 def test_watch_covers_fallback_modules_without_recording_their_replays(tmp_path):
-    """nn.MultiheadAttention goes through the torch.func fallback, which re-runs the module:
-    gradwatch's own probes must not record that replay (it used to fail the fallback)."""
+    """The root-owned positional embedding goes through the torch.func fallback, which re-runs
+    the whole model: gradwatch's own probes must not record that replay (it used to fail)."""
     torch.manual_seed(0)
     model = TinyTransformer()
     tokens, targets = torch.randint(1, 11, (4, 7)), torch.randint(0, 11, (4, 7))

@@ -32,10 +32,12 @@ from torch import Tensor, nn
 from gradwatch.stats.ghost_norms import (
     Call,
     batch_axis,
+    carries_batch,
     fallback_squares,
     first_tensor,
     random_in_training,
     rule_for,
+    rule_reads_layout,
 )
 from gradwatch.stats.noise_scale import NoiseScale
 
@@ -178,9 +180,9 @@ def example_squares(
             continue
         rule = rule_for(module, reached)
         if rule is not None:
-            if batch_dim != 0:
+            if batch_dim != 0 and not rule_reads_layout(rule):
                 reached = [_batch_first(c, batch, batch_dim) for c in reached]
-            if any(c.args[0].shape[0] != batch or c.signal.shape[0] != batch for c in reached):
+            if any(not carries_batch(module, c, batch) for c in reached):
                 reason = (
                     f"the input of {name!r} does not carry the batch's {batch} examples on "
                     f"axis {batch_dim} (e.g. the batch was flattened with another axis)"
