@@ -404,3 +404,29 @@ def test_conv_with_few_positions_uses_the_gram_branch():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(32, 3))
     check(model, torch.randn(5, 8, 2, 2), torch.randint(0, 3, (5,)))
+
+
+class MaskedAttention(nn.Module):
+    """Self-attention under a causal mask and a key padding mask derived from the tokens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(11, 16)
+        self.attention = nn.MultiheadAttention(16, 4, batch_first=True)
+        self.head = nn.Linear(16, 11)
+
+    def forward(self, tokens):
+        h = self.embed(tokens)
+        steps = tokens.shape[1]
+        causal = torch.triu(torch.ones(steps, steps, dtype=torch.bool), diagonal=1)
+        out, _ = self.attention(
+            h, h, h, key_padding_mask=tokens == 0, attn_mask=causal, need_weights=False
+        )
+        return self.head(out)
+
+
+def test_multihead_attention_rule_with_causal_and_padding_masks():
+    torch.manual_seed(0)
+    tokens = torch.randint(1, 11, (4, 6))
+    tokens[1:, -2:] = 0  # padding at the end of three examples
+    check(MaskedAttention(), tokens, torch.randint(0, 11, (4, 6)))
