@@ -76,21 +76,35 @@ def grad_wide_index(flat: Tensor) -> Tensor:
     return wide.int()
 
 
-def act_bins(values: Tensor) -> Tensor:
-    """The `act_hist` bin of each output value (int64), `bins("act_hist")` for NaN/±Inf.
+# act_hist is counted over a wide index too: w = m + 100 for y ≥ 0 and m + 1100 for y < 0, with
+# m the half-decade of |y| (below), 0 for zeros, `_NONFINITE` for NaN/±Inf; `_ACT_BIN` maps w to
+# its bin: y ≥ 0 → 21 + (clamp(m, −13, 8) + 13), y < 0 → 21 − (clamp(m, −13, 8) + 13). (A float64
+# |y| < 1e-50 may land on the other side's range: both put it in the middle bin.)
+_NEGATIVE = (_WIDE >= 1000) & (_WIDE < _NONFINITE)
+_HALF_DECADE = np.clip(np.where(_NEGATIVE, _WIDE - 1100, _WIDE - 100), -13, 8) + 13
+_ACT_BIN = np.where(
+    _WIDE == _NONFINITE,
+    len(ACT_HIST_EDGES) - 1,
+    np.where(_NEGATIVE, 21 - _HALF_DECADE, 21 + _HALF_DECADE),
+)
+_ACT_BIN[0] = 21  # zeros (and what underflows log10) sit in the middle bin
 
-    With v = log10|y| (float32) and m the half-decade of |y| (⌊2v⌋ for y ≥ 0; ⌈2v⌉ − 1 for y < 0,
-    as numpy's bins are closed on the left, i.e. towards −inf, on the negative side too), clamped
-    to [−13, 8] (−13: |y| below 1e-6, the middle bin; 8: |y| from 1e4 on): bin 21 + (m + 13)
-    for y > 0, 21 − (m + 13) for y < 0, 21 for the middle bin.
+
+def act_bins(values: Tensor) -> Tensor:
+    """The wide index of each output value (int64); `_ACT_BIN` maps it to the `act_hist` bin.
+
+    With t = 2·log10|y| (float32), the half-decade m = ⌊t⌋ for y ≥ 0 and ⌈t⌉ − 1 for y < 0
+    (numpy's bins are closed towards −inf on the negative side too), which is ⌊t⌋ except where t
+    is a whole number. No per-element branch: a few in-place passes.
     """
     values = values.float()
-    finite = torch.isfinite(values)
-    twice = values.abs().log10_().mul_(2)
     negative = values < 0
-    half_decade = torch.where(negative, twice.ceil() - 1, twice.floor_()).clamp_(-13, 8).add_(13)
-    index = torch.where(negative, 21 - half_decade, 21 + half_decade)
-    return torch.where(finite, index, bins("act_hist")).long()
+    twice = values.abs().log10_().mul_(2)
+    wide = twice.floor()
+    wide.add_((wide == twice) & negative, alpha=-1)
+    wide.add_(100).add_(negative, alpha=1000)
+    wide.nan_to_num_(nan=_NONFINITE, posinf=_NONFINITE, neginf=0).clamp_(0, _NONFINITE)
+    return wide.long()
 
 
 def grad_histograms(grads: list[Tensor]) -> Tensor:
@@ -117,9 +131,13 @@ def act_histogram(y: Tensor) -> Tensor:
     fixed-size result (not `bincount`, whose output size depends on the data), so that the
     forward hook stays one graph under torch.compile."""
     index = act_bins(y.detach().reshape(-1))
+    wide = torch.zeros(_NONFINITE + 1, dtype=torch.float64, device=index.device)
+    wide.index_add_(
+        0, index, torch.ones((), dtype=torch.float64, device=index.device).expand(index.numel())
+    )
+    to_bin = torch.as_tensor(_ACT_BIN, device=index.device)
     counts = torch.zeros(bins("act_hist") + 1, dtype=torch.float64, device=index.device)
-    ones = torch.ones((), dtype=torch.float64, device=index.device).expand(index.numel())
-    return counts.index_add_(0, index, ones)[:-1]
+    return counts.index_add_(0, to_bin, wide)[:-1]
 
 
 def _chunks(tensors: list[Tensor]) -> list[list[Tensor]]:
