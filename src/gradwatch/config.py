@@ -31,7 +31,7 @@ class WatchConfig:
     histogram_every: every `histogram_every`-th probe step (counted in probe steps: the first
         one, then every n-th) also counts the histograms `grad_hist` and `act_hist` (see
         `stats/histograms.py`): about ten element-wise passes over a copy of the gradients and
-        over each probed module's output, and a `bincount`. On 2 CPU cores that adds 0.4x to 2x a
+        over each probed module's output, and a `bincount`. On 2 CPU cores that adds 0.3x to 1.8x a
         plain step to such a probe step, so the default takes them on every tenth probe step
         (every 100 steps with probe_every=10). None turns them off.
     per_example: on probe steps, also each example's gradient norm (`pe_norm_*` per tensor,
