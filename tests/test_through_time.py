@@ -227,3 +227,15 @@ def test_report_draws_the_gradient_through_time_only_for_recurrent_models(tmp_pa
         linear(torch.randn(2, 4)).sum().backward()
         w.step()
     assert "chart-through_time" not in gw.report(feed_forward, tmp_path / "mlp.html").read_text()
+
+
+def test_a_frozen_recurrent_encoder_is_not_profiled(tmp_path):
+    """Tempts vanishing through time: a frozen GRU on 100 steps of plain data, a trained head.
+    Its gradient through time is no part of training, so nothing is measured or raised."""
+    torch.manual_seed(0)
+    model = ManyToOne("GRU")
+    model.rnn.requires_grad_(False)
+    findings = train_first_step_task(model, 20, tmp_path, length=100)
+    assert findings == []
+    run = gw.open_run(tmp_path / "run")
+    assert np.isnan(run.series("time_first_to_last")).all()

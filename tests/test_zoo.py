@@ -142,7 +142,8 @@ def mlp(width: int = 64) -> nn.Sequential:
 
 
 def test_bf16_autocast(tmp_path):
-    """Tempts nonfinite and vanishing: bf16 rounds small values."""
+    """Tempts nonfinite, vanishing and underflow (histograms every probe step): bf16 rounds
+    small values."""
     torch.manual_seed(0)
     model = mlp()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -155,12 +156,13 @@ def test_bf16_autocast(tmp_path):
         update(optimizer, loss)
         return loss
 
-    assert watch_training(model, optimizer, tmp_path, step) == []
+    assert watch_training(model, optimizer, tmp_path, step, histogram_every=1) == []
 
 
 def test_fp16_with_gradscaler_and_its_skipped_steps(tmp_path):
     """Tempts nonfinite: GradScaler starts at a loss scale that overflows fp16, finds inf
-    gradients and skips those steps itself (the optimizer's step() is not called)."""
+    gradients and skips those steps itself (the optimizer's step() is not called); and
+    underflow (fp16, histograms every probe step)."""
     torch.manual_seed(0)
     model = mlp()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
@@ -181,7 +183,7 @@ def test_fp16_with_gradscaler_and_its_skipped_steps(tmp_path):
         skipped += scaler.get_scale() < scale
         return loss
 
-    findings = watch_training(model, optimizer, tmp_path, step)
+    findings = watch_training(model, optimizer, tmp_path, step, histogram_every=1)
     assert skipped > 0  # the temptation happened
     assert findings == []
 

@@ -31,9 +31,9 @@ class WatchConfig:
     histogram_every: every `histogram_every`-th probe step (counted in probe steps: the first
         one, then every n-th) also counts the histograms `grad_hist` and `act_hist` (see
         `stats/histograms.py`): about ten element-wise passes over a copy of the gradients and
-        over each probed module's output, and a `bincount`. On 2 CPU cores that adds 0.3x to 1.8x a
-        plain step to such a probe step, so the default takes them on every tenth probe step
-        (every 100 steps with probe_every=10). None turns them off.
+        over each probed module's output, and an `index_add_`. On 2 CPU cores that adds 0.4x to
+        1.9x a plain step to such a probe step, so the default takes them on every tenth probe
+        step (every 100 steps with probe_every=10). None turns them off.
     per_example: on probe steps, also each example's gradient norm (`pe_norm_*` per tensor,
         `pe_total_*` and the gradient noise scale `gns_simple` as scalars; see
         `stats/per_example.py`): True or "mean" when the loss is the batch mean (of each

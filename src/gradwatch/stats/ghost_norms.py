@@ -39,6 +39,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from gradwatch.stats.flow import first_tensor
+
 _NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm) + (
     (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
 )
@@ -421,14 +423,6 @@ def batch_axis(value: Any, batch: int, batch_dim: int) -> int | None:
 def as_sequence(t: Tensor) -> Tensor:
     """[B, ..., d] as [B, T, d]."""
     return t.reshape(t.shape[0], -1, t.shape[-1])
-
-
-def first_tensor(output: Any) -> Tensor | None:
-    if isinstance(output, Tensor):
-        return output
-    if isinstance(output, (tuple, list)):
-        return next((t for t in map(first_tensor, output) if t is not None), None)
-    return None
 
 
 def warn_once(key: str, message: str) -> None:

@@ -18,9 +18,9 @@ float32's log10 may round an entry lying within ~1e-7 (relative) of an edge acro
 float64 (exact to 2^53).
 
 Cost, probe steps only: the gradients of a (device, dtype) group are concatenated in chunks of up
-to `CHUNK_ELEMENTS` entries (one copy) and counted with a few element-wise kernels and one
-`bincount` per chunk; per probed module the same over its output, in the forward hook. On 2 CPU
-cores about 4 ms per million entries. No host sync.
+to `CHUNK_ELEMENTS` entries (one copy), binned with a few element-wise kernels and counted with
+one `index_add_` per tensor; per probed module the same over its output, in the forward hook. On
+2 CPU cores about 5-7 ms per million entries. No host sync.
 """
 
 from __future__ import annotations
@@ -67,13 +67,13 @@ _GRAD_BIN = np.select(
 
 
 def grad_wide_index(flat: Tensor) -> Tensor:
-    """w = ⌊4·log10|g|⌋ + 200 per entry (int32): below 20 for |g| < 1e-45 (zeros), 20-103 for
+    """w = ⌊4·log10|g|⌋ + 200 per entry (int64): below 20 for |g| < 1e-45 (zeros), 20-103 for
     [1e-45, 1e-24), 104-215 for the quarter-decades of [1e-24, 1e4), above for larger ones, and
     `_NONFINITE` for NaN/±Inf. Works in place on `flat`, a temporary (a float32 one, or a copy):
     six in-place passes and the conversion."""
     wide = flat.float().abs_().log10_().mul_(4).floor_().add_(200)
     wide.nan_to_num_(nan=_NONFINITE, posinf=_NONFINITE, neginf=0).clamp_(0, _NONFINITE)
-    return wide.int()
+    return wide.long()
 
 
 # act_hist is counted over a wide index too: w = m + 100 for y ≥ 0 and m + 1100 for y < 0, with
@@ -88,6 +88,7 @@ _ACT_BIN = np.where(
     np.where(_NEGATIVE, 21 - _HALF_DECADE, 21 + _HALF_DECADE),
 )
 _ACT_BIN[0] = 21  # zeros (and what underflows log10) sit in the middle bin
+_TO_BIN: dict[tuple[str, torch.device], Tensor] = {}  # the tables above, per device
 
 
 def act_bins(values: Tensor) -> Tensor:
@@ -108,36 +109,43 @@ def act_bins(values: Tensor) -> Tensor:
 
 
 def grad_histograms(grads: list[Tensor]) -> Tensor:
-    """`grad_hist` counts [len(grads), bins] of one (device, dtype) group, float64: the bin
-    indices of each chunk in one go, then one `bincount` per tensor (a slice, no copy)."""
+    """`grad_hist` counts [len(grads), bins] of one (device, dtype) group, float64: the wide
+    index of each chunk in one go, then each tensor's slice (a view) counted on its own."""
     rows = []
     for chunk in _chunks(grads):
         wide = grad_wide_index(torch.cat([g.detach().reshape(-1) for g in chunk]))
         start = 0
         for g in chunk:
-            rows.append(torch.bincount(wide[start : start + g.numel()], minlength=_NONFINITE + 1))
+            rows.append(_count_wide(wide[start : start + g.numel()]))
             start += g.numel()
     if not rows:
         return torch.zeros(0, bins("grad_hist"), dtype=torch.float64)
-    wide_counts = torch.stack(rows).double()
-    to_bin = torch.as_tensor(_GRAD_BIN, device=wide_counts.device)
-    counts = torch.zeros(len(rows), bins("grad_hist") + 1, dtype=torch.float64)
-    counts = counts.to(wide_counts.device).index_add_(1, to_bin, wide_counts)
-    return counts[:, :-1]
+    return _collapse(torch.stack(rows), "grad_hist")
 
 
 def act_histogram(y: Tensor) -> Tensor:
-    """`act_hist` counts [bins] of a module output, float64. Counted with `index_add_` into a
-    fixed-size result (not `bincount`, whose output size depends on the data), so that the
-    forward hook stays one graph under torch.compile."""
-    index = act_bins(y.detach().reshape(-1))
-    wide = torch.zeros(_NONFINITE + 1, dtype=torch.float64, device=index.device)
-    wide.index_add_(
-        0, index, torch.ones((), dtype=torch.float64, device=index.device).expand(index.numel())
-    )
-    to_bin = torch.as_tensor(_ACT_BIN, device=index.device)
-    counts = torch.zeros(bins("act_hist") + 1, dtype=torch.float64, device=index.device)
-    return counts.index_add_(0, to_bin, wide)[:-1]
+    """`act_hist` counts [bins] of a module output, float64."""
+    return _collapse(_count_wide(act_bins(y.detach().reshape(-1)))[None], "act_hist")[0]
+
+
+def _count_wide(index: Tensor) -> Tensor:
+    """How often each wide index occurs: [_NONFINITE + 1] float64, by `index_add_` into a result
+    of fixed size. Not `bincount`: on CUDA it reads the largest index back to the host to size
+    its output (a sync), and under torch.compile its data-dependent size breaks the graph."""
+    counts = torch.zeros(_NONFINITE + 1, dtype=torch.float64, device=index.device)
+    ones = torch.ones((), dtype=torch.float64, device=index.device).expand(index.numel())
+    return counts.index_add_(0, index, ones)
+
+
+def _collapse(wide_counts: Tensor, name: str) -> Tensor:
+    """Wide-index counts [rows, _NONFINITE + 1] summed into histogram `name`'s bins [rows,
+    bins] (the dropped entries' bin left out)."""
+    key = (name, wide_counts.device)
+    if key not in _TO_BIN:
+        table = _GRAD_BIN if name == "grad_hist" else _ACT_BIN
+        _TO_BIN[key] = torch.as_tensor(table, device=wide_counts.device)
+    counts = torch.zeros(len(wide_counts), bins(name) + 1, dtype=torch.float64)
+    return counts.to(wide_counts.device).index_add_(1, _TO_BIN[key], wide_counts)[:, :-1]
 
 
 def _chunks(tensors: list[Tensor]) -> list[list[Tensor]]:

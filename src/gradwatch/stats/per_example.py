@@ -29,12 +29,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from gradwatch.stats.flow import first_tensor
 from gradwatch.stats.ghost_norms import (
     Call,
     batch_axis,
     carries_batch,
     fallback_squares,
-    first_tensor,
     random_in_training,
     rule_for,
     rule_reads_layout,

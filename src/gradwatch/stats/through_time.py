@@ -66,9 +66,10 @@ def recurrent_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 class TimeProbes:
     """Forward pre-hooks on the recurrent modules that profile ∂L/∂x over time on probe steps.
 
-    `probe` is set by the watcher: True while the forward pass in progress belongs to a probe
-    step. `write(row, cells)` fills the per-module statistics row and returns the step's
-    profiles [modules, TIME_POINTS] (NaN where no time step was seen), then starts afresh.
+    `probe` is set by the watcher (through `ProbeRecords`): True while the forward pass in
+    progress belongs to a probe step. `write(row, cells)` fills the per-module statistics row
+    and returns the step's profiles [modules, TIME_POINTS] (NaN where no time step was seen),
+    then starts afresh.
     """
 
     def __init__(
