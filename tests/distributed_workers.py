@@ -46,6 +46,27 @@ def make_recurrent() -> Recurrent:
     return Recurrent()
 
 
+class Attentive(nn.Module):
+    """The 6 features as 3 tokens of 2, one explicit-softmax self-attention (2 heads), a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(2, 8)
+        self.qkv = nn.Linear(8, 24)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x.reshape(x.shape[0], 3, 2))
+        q, k, v = (t.view(-1, 3, 2, 4).transpose(1, 2) for t in self.qkv(h).chunk(3, dim=-1))
+        attended = ((q @ k.transpose(-2, -1)) / 2).softmax(dim=-1) @ v
+        return self.head(attended.transpose(1, 2).reshape(-1, 3, 8).mean(dim=1))
+
+
+def make_attentive() -> Attentive:
+    torch.manual_seed(0)
+    return Attentive()
+
+
 def batches(steps: int = STEPS) -> list[tuple[torch.Tensor, torch.Tensor]]:
     generator = torch.Generator().manual_seed(1)
     return [
@@ -168,6 +189,7 @@ def scenario_ddp(out: Path, rank: int, world: int) -> dict:
     train(model, out / f"ddp-rank{rank}", rank, world)
     result = {"hooks_left": hook_count(model) - hooks_before}
     train(nn.parallel.DistributedDataParallel(make_recurrent()), out / "ddp-rnn", rank, world)
+    train(nn.parallel.DistributedDataParallel(make_attentive()), out / "ddp-attn", rank, world)
     result["own_dir_exists"] = (out / f"ddp-rank{rank}").exists()
     w = train(ddp(), out / "ddp-nan-input", rank, world, poison_input=(2, 1))
     result["findings"] = [(f.kind, f.layer, f.step, f.evidence) for f in w.findings()]

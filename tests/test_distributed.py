@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from distributed_workers import full_parameters, make_model, make_recurrent, train
+from distributed_workers import full_parameters, make_attentive, make_model, make_recurrent, train
 
 import gradwatch as gw
 
@@ -141,6 +141,17 @@ def test_ddp_gradient_through_time_is_the_global_batchs(ddp_run, tmp_path):
         np.testing.assert_allclose(
             run.series(name), reference.series(name), rtol=1e-5, err_msg=name
         )
+
+
+def test_ddp_attention_and_logit_statistics_are_the_global_batchs(ddp_run, tmp_path):
+    out, _ = ddp_run
+    train(make_attentive(), tmp_path / "single")
+    run, reference = gw.open_run(out / "ddp-attn"), gw.open_run(tmp_path / "single")
+    assert run.attention_modules == reference.attention_modules == [""]
+    for name in ("attn_max_logit", "attn_entropy", "logit_lse", "logit_lse_max"):
+        expected = reference.series(name)
+        assert np.isfinite(expected).any(), name
+        np.testing.assert_allclose(run.series(name), expected, rtol=1e-5, err_msg=name)
 
 
 def test_ddp_only_rank_0_writes_and_every_hook_is_removed(ddp_run):

@@ -1,10 +1,11 @@
 """What a probe step records beyond the statistics rows: the histograms, the gradient through
-time of recurrent modules, and per-example gradient norms with the noise scale.
+time of recurrent modules, the attention and output-logit statistics, and per-example gradient
+norms with the noise scale.
 
 The watcher owns one `ProbeRecords`; it tells it which kind of step the next forward pass
 belongs to (`set_step`), hands it each probe step's gradients and rows (`record`), and takes its
 arrays at each flush (`take`). Each part is described where it is computed:
-`stats/histograms.py`, `stats/through_time.py`, `stats/per_example.py`,
+`stats/histograms.py`, `stats/through_time.py`, `stats/attention.py`, `stats/per_example.py`,
 `stats/noise_scale.py`.
 """
 
@@ -19,6 +20,7 @@ from torch import Tensor, nn
 from gradwatch.config import WatchConfig
 from gradwatch.distributed import Topology
 from gradwatch.inventory import Inventory
+from gradwatch.stats.attention import ATTENTION, AttentionProbes
 from gradwatch.stats.buffer import HostCopy, ProbeArrays
 from gradwatch.stats.flow import MODULE_STATS, ModuleProbes
 from gradwatch.stats.grads import GRAD_NORM, PE_NORM_MAX, PE_NORM_P50, GradStatistics, PresentGroup
@@ -50,6 +52,7 @@ class ProbeRecords:
             torch.tensor(recurrent, dtype=torch.long, device=device)[:, None],
             torch.tensor([MODULE_STATS.index(n) for n in TIME_STATS], device=device),
         )
+        self.attention = AttentionProbes(model, device, topology.ranks)
         self._arrays = ProbeArrays()
         self.examples: ExampleProbes | None = None
         self._warned_skipped = False
@@ -66,11 +69,13 @@ class ProbeRecords:
 
     def attach(self) -> None:
         self.time_probes.attach()
+        self.attention.attach()
         if self.examples is not None:
             self.examples.attach()
 
     def detach(self) -> None:
         self.time_probes.detach()
+        self.attention.detach()
         if self.examples is not None:
             self.examples.detach()
 
@@ -79,6 +84,7 @@ class ProbeRecords:
         self._probe = probe
         self.module_probes.histograms = histograms
         self.time_probes.probe = probe
+        self.attention.probe = probe
         if self.examples is not None:
             self.examples.active = probe
 
@@ -104,6 +110,11 @@ class ProbeRecords:
         if self.time_probes.names:
             profile = self.time_probes.write(module_row, self._time_cells)
             self._arrays.add(GRAD_THROUGH_TIME, step, tuple(self.time_probes.names), profile)
+        names, attention, logits = self.attention.write()
+        if attention is not None:
+            self._arrays.add(ATTENTION, step, tuple(names), attention)
+        for name, value in logits.items():
+            record(name, value)
         if self.examples is not None:
             self._record_examples(tensor_row, record)
 
@@ -117,12 +128,12 @@ class ProbeRecords:
         assert self.examples is not None
         # The fallback re-runs modules: gradwatch's own probes must not record those calls.
         mode, self.module_probes.mode = self.module_probes.mode, 0
-        self.time_probes.probe = False
+        self.time_probes.probe = self.attention.probe = False
         try:
             found = self.examples.record(self.inventory.device)
         finally:
             self.module_probes.mode = mode
-            self.time_probes.probe = self._probe
+            self.time_probes.probe = self.attention.probe = self._probe
         if found is None:
             return
         if found.skipped and not self._warned_skipped:

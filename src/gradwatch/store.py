@@ -26,6 +26,7 @@ import numpy as np
 
 from gradwatch.detect.findings import Finding
 from gradwatch.guards.base import Event
+from gradwatch.stats.attention import ATTENTION, ATTENTION_STATS
 from gradwatch.stats.buffer import PendingBlock, ProbeArray, StatsBlock
 from gradwatch.stats.flow import MODULE_STATS
 from gradwatch.stats.grads import TENSOR_STATS
@@ -413,6 +414,12 @@ class Run:
         return [r[0] for r in self._conn.execute("SELECT name FROM modules ORDER BY idx")]
 
     @property
+    def attention_modules(self) -> list[str]:
+        """The attention modules found (qualified names, in the order first seen): the columns
+        of `attn_max_logit` and `attn_entropy`."""
+        return self.probe_array(ATTENTION)[0]
+
+    @property
     def steps(self) -> np.ndarray:
         """Recorded optimizer steps (0-based), ascending."""
         rows = self._blocks("n_steps, steps")
@@ -420,10 +427,16 @@ class Run:
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
     def series(self, name: str) -> np.ndarray:
-        """One statistic aligned with `steps`: [steps, tensors], [steps, modules] or [steps].
+        """One statistic aligned with `steps`: [steps, tensors], [steps, modules],
+        [steps, attention_modules] (`attn_max_logit`, `attn_entropy`) or [steps].
 
         NaN where the statistic was not recorded at a step (off a probe step, a None gradient).
         """
+        if name in ATTENTION_STATS:
+            data = self.probe_array(ATTENTION)[1]
+            if data.shape[2] == 0:
+                return np.zeros((len(data), 0), dtype=np.float32)
+            return data[:, :, ATTENTION_STATS.index(name)]
         if name in TENSOR_STATS:
             return self._matrix(name, "tensor", len(self.tensors))
         if name in MODULE_STATS:

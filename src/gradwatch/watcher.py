@@ -47,12 +47,14 @@ from gradwatch.sinks.base import Sink
 from gradwatch.stats.buffer import BlockBuffer, PendingBlock, StatsBlock
 from gradwatch.stats.flow import MODULE_STATS, ModuleProbes, combine_flags
 from gradwatch.stats.grads import (
+    ADAM_EPS_FRAC,
     TENSOR_STATS,
     GradStatistics,
     PresentGroup,
     combine_shards,
     global_norm,
 )
+from gradwatch.stats.optimizer_state import AdamEpsilon
 
 logger = logging.getLogger("gradwatch")
 
@@ -101,6 +103,7 @@ class Watcher:
         self.run_dir = Path(config.run_dir)
         self._sinks = list(sinks)
         self._statistics = GradStatistics(self.inventory, sharded=topo.sharded)
+        self._adam = AdamEpsilon(optimizer, self.inventory) if optimizer is not None else None
         self._module_probes = ModuleProbes(
             model, self.inventory.device, topo.ranks, topo.rank, topo.world_size
         )
@@ -367,8 +370,11 @@ class Watcher:
 
     def _record_update(self) -> None:
         assert self._snapshot is not None
-        row = len(self._block_steps) - 1
-        self._statistics.record_update(self._tensor_rows.data[row], self._snapshot)
+        row = self._tensor_rows.data[len(self._block_steps) - 1]
+        self._statistics.record_update(row, self._snapshot)
+        found = self._adam.shares(row.device) if self._adam is not None else None
+        if found is not None:
+            row[:, ADAM_EPS_FRAC].index_copy_(0, *found)
 
     def _records(self, step: int) -> bool:
         return step % self.config.every == 0 or self._probes(step)
@@ -474,6 +480,7 @@ class Watcher:
             world_size=self._topology.world_size,
             tensor_dtypes=tuple(t.dtype for t in self.inventory.tensors),
             module_dtypes=tuple(probes.output_dtype(c) for c in order),
+            tensor_ranks=tuple(len(t.shape) for t in self.inventory.tensors),
         )
         self._diagnosis = Diagnosis(layout, self._publish)
         self._writer.block_listeners.append(self._diagnosis)

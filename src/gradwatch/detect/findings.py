@@ -15,6 +15,9 @@ FINDING_KINDS: tuple[str, ...] = (
     "underflow",
     "batch_size",
     "outlier_examples",
+    "attention_logit_growth",
+    "logit_divergence",
+    "adam_epsilon",
 )
 SEVERITIES: tuple[str, ...] = ("info", "warning", "error")
 

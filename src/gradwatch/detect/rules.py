@@ -14,6 +14,7 @@ import numpy as np
 
 from gradwatch.detect.examples import batch_size, outlier_examples
 from gradwatch.detect.findings import Finding
+from gradwatch.detect.instabilities import adam_epsilon, attention_logit_growth, logit_divergence
 from gradwatch.detect.layout import ModelLayout
 from gradwatch.detect.precision import underflow
 from gradwatch.detect.through_time import exploding_through_time, vanishing_through_time
@@ -496,4 +497,7 @@ RULES = (
     underflow,
     batch_size,
     outlier_examples,
+    attention_logit_growth,
+    logit_divergence,
+    adam_epsilon,
 )

@@ -30,6 +30,7 @@ MAX_POINTS = 1500
 MAX_COLUMNS = 400
 MAX_ROWS = 200
 MAX_RECURRENT = 4  # recurrent modules drawn in the gradient-through-time chart
+MAX_ATTENTION = 12  # attention modules drawn in the attention chart
 STYLE = {"figure.dpi": 100, "axes.grid": True, "grid.alpha": 0.3}
 
 
@@ -374,6 +375,36 @@ def through_time(data: ReportData) -> Figure | None:
     return fig
 
 
+def attention(data: ReportData) -> Figure | None:
+    """Per attention module, the max attention logit and the lowest head entropy over the probe
+    steps, with the output logits' mean log Z when a cross-entropy ran."""
+    largest, entropy = data.series("attn_max_logit"), data.series("attn_entropy")
+    if largest is None or entropy is None or not np.isfinite(largest).any():
+        return None
+    names = data.run.attention_modules
+    lse = data.series("logit_lse")
+    panels = 3 if lse is not None and np.isfinite(lse).any() else 2
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4))
+    for c, name in enumerate(names[:MAX_ATTENTION]):
+        rows = np.isfinite(largest[:, c])
+        axes[0].plot(data.steps[rows], largest[rows, c], marker=".", label=_label(name))
+        axes[1].plot(data.steps[rows], entropy[rows, c], marker=".", label=_label(name))
+    _log_scale(axes[0], largest)
+    axes[0].set_title("max attention logit |q·k|/√d (probe steps)")
+    axes[1].set_title("lowest head entropy, mean over queries (nats)")
+    for ax in axes[:2]:
+        ax.set_xlabel("step")
+        ax.legend(fontsize=8)
+    if panels == 3:
+        rows = np.isfinite(lse)
+        axes[2].plot(data.steps[rows], lse[rows], marker=".", color="black")
+        axes[2].axhline(0, color="gray", lw=0.5)
+        axes[2].set_title("output logits: mean log Z (logsumexp)")
+        axes[2].set_xlabel("step")
+    fig.tight_layout()
+    return fig
+
+
 CHARTS: dict[str, tuple[str, Callable[[ReportData], Figure | None]]] = {
     "gradient_flow": ("Gradient flow", gradient_flow),
     "heatmap": ("Gradient norm, layer x step", grad_heatmap),
@@ -388,6 +419,7 @@ CHARTS: dict[str, tuple[str, Callable[[ReportData], Figure | None]]] = {
 OPTIONAL_CHARTS: dict[str, tuple[str, Callable[[ReportData], Figure | None]]] = {
     "through_time": ("Gradient through time (recurrent modules)", through_time),
     "per_example": ("Per-example gradient norms and the noise scale", per_example),
+    "attention": ("Attention logits and entropy, output log Z (transformers)", attention),
 }
 
 

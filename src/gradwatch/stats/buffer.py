@@ -118,16 +118,28 @@ class ProbeArrays:
         self._arrays.setdefault(name, []).append((step, array))
 
     def take(self) -> dict[str, tuple[list[int], tuple[str, ...], HostCopy]]:
+        """The arrays since the last take. Columns may only grow (a module seen for the first
+        time): earlier arrays are NaN in the new columns."""
         taken = {
             name: (
                 [s for s, _ in rows],
                 self._columns[name],
-                host_copy(torch.stack([a for _, a in rows])),
+                host_copy(_stack_padded([a for _, a in rows], len(self._columns[name]))),
             )
             for name, rows in self._arrays.items()
         }
         self._arrays.clear()
         return taken
+
+
+def _stack_padded(arrays: list[Tensor], columns: int) -> Tensor:
+    """[len(arrays), columns, ...], NaN where an array has fewer columns."""
+    if all(a.shape[0] == columns for a in arrays):
+        return torch.stack(arrays)
+    out = arrays[-1].new_full((len(arrays), columns, *arrays[-1].shape[1:]), torch.nan)
+    for i, a in enumerate(arrays):
+        out[i, : a.shape[0]] = a
+    return out
 
 
 @dataclass(frozen=True, slots=True)

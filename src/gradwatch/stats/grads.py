@@ -21,10 +21,12 @@ step. The rest wait for probe steps (each further pass costs about 3% of an MLP 
 - `pe_norm_p50`, `pe_norm_p95`, `pe_norm_max`  the median, 95th percentile and largest of the
                    tensor's per-example gradient norms (`per_example.py`); probe steps, with
                    `gw.watch(..., per_example=True)` only.
+- `adam_eps_frac`  share of entries where Adam's ε dominates its denominator
+                   (`optimizer_state.py`); probe steps, Adam-family optimizers only.
 
 Under FSDP2 every pass runs on this rank's shard (`local_tensor`), and a buffer row holds the
 shard's partials until the flush combines them (`combine_shards`): norms as themselves, maxima,
-counts, and in the `update_ratio` column ‖Δθ_r‖ instead of the ratio.
+counts, shares of the whole tensor, and in the `update_ratio` column ‖Δθ_r‖ instead of the ratio.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ TENSOR_STATS: tuple[str, ...] = (
     "pe_norm_p50",
     "pe_norm_p95",
     "pe_norm_max",
+    "adam_eps_frac",
 )
 (
     GRAD_NORM,
@@ -57,6 +60,7 @@ TENSOR_STATS: tuple[str, ...] = (
     PE_NORM_P50,
     PE_NORM_P95,
     PE_NORM_MAX,
+    ADAM_EPS_FRAC,
 ) = range(len(TENSOR_STATS))
 
 
@@ -220,10 +224,12 @@ def combine_shards(data: Tensor, shards: Reduction) -> Tensor:
     statistic not recorded at a step (the same on every rank) and stays NaN; a shard whose max is
     NaN (it holds a NaN) makes the combined max +inf (the non-finite count tells how many).
     """
-    norms = data[:, :, [GRAD_NORM, GRAD_NONFINITE, PARAM_NORM, UPDATE_RATIO]].double()
+    norms = data[:, :, [GRAD_NORM, GRAD_NONFINITE, PARAM_NORM, UPDATE_RATIO, ADAM_EPS_FRAC]]
+    norms = norms.double()
     norms[:, :, [0, 2, 3]] = norms[:, :, [0, 2, 3]].square()
     shards.sum(norms)
     grad_norm, counts = norms[:, :, 0].sqrt(), norms[:, :, 1]
+    data[:, :, ADAM_EPS_FRAC] = norms[:, :, 4].float()
     param_norm, update_norm = norms[:, :, 2].sqrt(), norms[:, :, 3].sqrt()
     ratios = torch.where(param_norm > 0, update_norm / param_norm, torch.nan)
     largest = data[:, :, GRAD_MAX]

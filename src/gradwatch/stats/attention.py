@@ -1,0 +1,365 @@
+"""Attention and output-logit probes: the early signs of transformer training instabilities.
+
+Wortsman et al. 2023 ("Small-scale proxies for large-scale Transformer training instabilities",
+arXiv 2309.14322) reproduce in small models two instabilities of large ones, both visible in these
+numbers long before the loss shows them: attention logits that grow without bound while the
+attention entropy collapses (Dehghani et al. 2023, ViT-22B), and output logits whose log Z drifts
+away from 0.
+
+Per attention module, on probe steps (stored as the probe-step array "attention", read with
+`run.series("attn_max_logit")` → [steps, len(run.attention_modules)]):
+
+- `attn_max_logit`  max |s| over the attention scores s = q·k/√d_h (with the scale the model
+                    uses) that the softmax gives a non-zero weight: masked entries (−inf, or the
+                    −1e4 / finfo.min that code writes) are left out.
+- `attn_entropy`    per head, the entropy −Σ_k p log p of each query's attention, averaged over
+                    the queries of the batch; then the min over heads (nats). Queries whose keys
+                    are all masked are left out. (A min over queries would say nothing: under a
+                    causal mask the first query's entropy is always 0.)
+
+Which calls are attention, found while a probe step runs (a `TorchFunctionMode` entered by a
+forward pre-hook on the model and left when the step's gradients are read, so it also sees the
+loss the user computes after the forward):
+- `softmax` over the last axis of a tensor of 4 or more dimensions ([batch, heads, queries, keys];
+  the dimensions between batch and queries count as heads) or of 3 dimensions with as many
+  queries as keys ([batch, T, T], one head): an explicit q·kᵀ softmax, torch's `nn.Softmax`,
+  Hugging Face's eager attention;
+- `F.scaled_dot_product_attention` (the scores are never materialised there: they are computed
+  here from q and k, with its mask, causal flag, scale and grouped-query heads);
+- `nn.MultiheadAttention` (`F.multi_head_attention_forward`: q and k from its input projection,
+  its masks, `bias_k` and `add_zero_attn`).
+The call belongs to the innermost module of the model whose `forward` is on the Python stack
+(torch's own `nn.Softmax` passes it to its parent), named as in `named_modules()`.
+
+For the output logits z, the input of `F.cross_entropy` (also through `nn.CrossEntropyLoss`,
+and inside Hugging Face models that compute their loss), per probe step, as scalars:
+- `logit_lse`      the mean over positions of log Z = logsumexp_c z_c (positions whose target is
+                   `ignore_index` left out).
+- `logit_lse_max`  the largest |log Z| over those positions.
+NaN when no cross-entropy ran (a regression loss, or a loss written from log_softmax and
+nll_loss, whose input no longer holds log Z).
+
+Cost: probe steps only. The mode sees every torch call of the forward (a Python call each, a few
+µs); each attention call costs about one more softmax over its scores (for SDPA and
+MultiheadAttention also the q·kᵀ product, in chunks of at most `CHUNK` scores); the logits cost
+one logsumexp. No host sync. Under torch.compile the probes do not run (the values are NaN).
+The mode is left at the step's gradient statistics, or at the next forward off a probe step.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+from gradwatch.distributed import LOCAL, Reduction
+from gradwatch.stats.hooks import eager_unless_traced
+
+ATTENTION_STATS: tuple[str, ...] = ("attn_max_logit", "attn_entropy")
+LOGIT_SCALARS: tuple[str, ...] = ("logit_lse", "logit_lse_max")
+ATTENTION = "attention"  # the name of the probe-step array
+# At most this many scores are computed at once when SDPA or MultiheadAttention never made them.
+CHUNK = 1 << 24
+
+_MHA_SIGNATURE = inspect.signature(F.multi_head_attention_forward)
+
+
+class AttentionProbes:
+    """Finds the attention calls and the output logits of probe steps and sums their statistics.
+
+    `probe` is set by the watcher (through `ProbeRecords`) while the forward pass in progress
+    belongs to a probe step. `write()` returns (names, [attention modules, 2]) and the logit
+    scalars of the step, combined over `ranks`, then starts afresh.
+    """
+
+    def __init__(self, model: nn.Module, device: torch.device, ranks: Reduction = LOCAL) -> None:
+        self._model = model
+        self._names = {id(m): name for name, m in model.named_modules()}
+        self.device = device
+        self.ranks = ranks
+        self.probe = False
+        self.names: list[str] = []  # attention modules, in the order they were first seen
+        self._max: list[Tensor] = []
+        self._entropy: list[Tensor] = []  # per module [2, heads]: Σ entropy, rows
+        self._logits = torch.zeros(3, device=device)  # Σ log Z, positions, max |log Z|
+        self._mode = _AttentionMode(self._record, self._record_logits)
+        self._entered = False
+        self.handles: list[Any] = []
+
+    def attach(self) -> None:
+        self.handles.append(self._model.register_forward_pre_hook(self._enter))
+
+    def detach(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+        self._leave()
+
+    @property
+    def _active(self) -> bool:
+        return self.probe and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+
+    def _enter(self, module: nn.Module, args: Any) -> None:
+        if self._active and not self._entered:
+            self._mode.__enter__()
+            self._entered = True
+        elif not self.probe:
+            self._leave()  # a probe step whose update never came (a skipped step)
+
+    def _leave(self) -> None:
+        if self._entered:
+            self._entered = False
+            self._mode.__exit__(None, None, None)
+
+    def _record(self, scores: Tensor, weights: Tensor | None) -> None:
+        """Add one attention call ([batch, heads, queries, keys] scores; the weights the model
+        used, or None to compute them from the scores) to its module's sums."""
+        name = self._owner()
+        if name not in self.names:
+            self.names.append(name)
+            self._max.append(torch.zeros((), device=self.device))
+            self._entropy.append(torch.zeros(2, scores.shape[1], device=self.device))
+        index = self.names.index(name)
+        if self._entropy[index].shape[1] != scores.shape[1]:
+            return  # the same module with another head count: keep the first
+        largest, entropy = attention_statistics(scores, weights)
+        torch.maximum(self._max[index], largest.to(self.device), out=self._max[index])
+        self._entropy[index] += entropy.to(self.device)
+
+    def _owner(self) -> str:
+        """The innermost module of the model whose forward is running (see the module docs)."""
+        frame = sys._getframe(1)
+        while frame is not None:
+            owner = frame.f_locals.get("self")
+            if owner is not None and id(owner) in self._names and not isinstance(owner, nn.Softmax):
+                return self._names[id(owner)]
+            frame = frame.f_back
+        return ""
+
+    def _record_logits(self, logits: Tensor, target: Any, ignore_index: int) -> None:
+        """Add the log Z of one cross-entropy input ([N, C, ...], [C]) to the step's sums."""
+        if not torch.is_grad_enabled() or not logits.is_floating_point():
+            return
+        with torch.no_grad():
+            lse = torch.logsumexp(logits.detach().float(), dim=1 if logits.dim() > 1 else 0)
+            kept = torch.ones_like(lse, dtype=torch.bool)
+            indices = isinstance(target, Tensor) and not target.is_floating_point()
+            if indices and target.shape == lse.shape:  # class indices, not probabilities
+                kept = target != ignore_index
+            summary = torch.stack(
+                [
+                    torch.where(kept, lse, 0.0).sum(),
+                    kept.sum().float(),
+                    torch.where(kept, lse.abs(), 0.0).max(),
+                ]
+            )
+        self._logits[:2] += summary[:2].to(self.device)
+        torch.maximum(self._logits[2], summary[2].to(self.device), out=self._logits[2])
+
+    def write(self) -> tuple[list[str], Tensor | None, dict[str, Tensor]]:
+        """This probe step's attention statistics ([modules, 2], None without attention) and
+        logit scalars, combined over the ranks (a few all-reduces); then leave the mode and
+        start afresh."""
+        self._leave()
+        array = None
+        if self.names:
+            largest = self.ranks.max(torch.stack(self._max))
+            sums = self.ranks.sum(torch.cat([e.flatten() for e in self._entropy]))
+            entropies, start = [], 0
+            for e in self._entropy:
+                total, rows = sums[start : start + e.numel()].view_as(e)
+                start += e.numel()
+                entropies.append(torch.where(rows > 0, total / rows.clamp_min(1), torch.nan).min())
+            seen = torch.stack([e[1].sum() > 0 for e in self._entropy])[:, None]
+            array = torch.where(
+                seen, torch.stack([largest, torch.stack(entropies)], dim=1), torch.nan
+            )
+            for m, e in zip(self._max, self._entropy, strict=True):
+                m.zero_()
+                e.zero_()
+        total, positions = self.ranks.sum(self._logits[:2].clone())
+        largest_lse = self.ranks.max(self._logits[2:].clone())[0]
+        seen = positions > 0
+        scalars = {
+            "logit_lse": torch.where(seen, total / positions.clamp_min(1), torch.nan),
+            "logit_lse_max": torch.where(seen, largest_lse, torch.nan),
+        }
+        self._logits.zero_()
+        return list(self.names), array, scalars
+
+
+def attention_statistics(scores: Tensor, weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """max |s| over the entries with non-zero weight, and per head [Σ entropy, rows] of
+    [batch, heads, queries, keys] scores (weights: softmax of the scores when None). In chunks of
+    the batch, so that at most about `CHUNK` weights exist at once. No host sync."""
+    batch, heads, queries, keys = scores.shape
+    step = max(1, CHUNK // max(1, heads * queries * keys))
+    largest = scores.new_zeros((), dtype=torch.float32)
+    entropy = scores.new_zeros(2, heads, dtype=torch.float32)
+    for start in range(0, batch, step):
+        s = scores[start : start + step].detach().float()
+        p = s.softmax(dim=-1) if weights is None else weights[start : start + step].detach().float()
+        kept = p > 0
+        largest = torch.maximum(largest, torch.where(kept, s.abs(), 0.0).amax())
+        h = -torch.special.xlogy(p, p).sum(dim=-1)  # [batch, heads, queries]; NaN: no key left
+        valid = torch.isfinite(h)
+        entropy[0] += torch.where(valid, h, 0.0).sum(dim=(0, 2))
+        entropy[1] += valid.sum(dim=(0, 2))
+    return largest, entropy
+
+
+def softmax_scores(x: Tensor, dim: int) -> Tensor | None:
+    """x as [batch, heads, queries, keys] when a softmax over `dim` looks like attention (see
+    the module docs), else None."""
+    if dim not in (-1, x.dim() - 1) or not x.is_floating_point():
+        return None
+    if x.dim() >= 4:
+        return x.reshape(x.shape[0], -1, x.shape[-2], x.shape[-1])
+    if x.dim() == 3 and x.shape[1] == x.shape[2]:
+        return x[:, None]
+    return None
+
+
+def sdpa_scores(
+    query: Tensor,
+    key: Tensor,
+    attn_mask: Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> Tensor:
+    """The [batch, heads, queries, keys] scores (mask added) that `F.scaled_dot_product_attention`
+    computes inside, from its arguments."""
+    with torch.no_grad():
+        q, k = _as_heads(query.detach()), _as_heads(key.detach())
+        if k.shape[1] != q.shape[1]:  # grouped-query attention: each key head serves a group
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
+        scores = (q.float() @ k.float().transpose(-2, -1)) * scale
+        queries, keys = scores.shape[-2:]
+        if is_causal:
+            allowed = torch.ones(queries, keys, dtype=torch.bool, device=q.device).tril()
+            scores = scores.masked_fill(~allowed, -torch.inf)
+        if attn_mask is not None:
+            scores = _add_mask(scores, _as_heads(attn_mask), allowed_when_true=True)
+        return scores
+
+
+def mha_scores(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
+    """The [batch, heads, queries, keys] scores (masks added) of one
+    `F.multi_head_attention_forward` call, from its arguments."""
+    a = _MHA_SIGNATURE.bind(*args, **kwargs)
+    a.apply_defaults()
+    a = a.arguments
+    query, key, heads = a["query"], a["key"], a["num_heads"]
+    unbatched = query.dim() == 2
+    if unbatched:
+        query, key = query[:, None], key[:, None]
+    embed = query.shape[-1]
+    with torch.no_grad():
+        if a["use_separate_proj_weight"]:
+            w_q, w_k = a["q_proj_weight"], a["k_proj_weight"]
+        else:
+            w_q, w_k = a["in_proj_weight"][:embed], a["in_proj_weight"][embed : 2 * embed]
+        bias = a["in_proj_bias"]
+        b_q, b_k = (None, None) if bias is None else (bias[:embed], bias[embed : 2 * embed])
+        length, batch = query.shape[:2]
+        q = F.linear(query, w_q, b_q).reshape(length, batch * heads, -1).transpose(0, 1)
+        if a["static_k"] is not None:
+            k = a["static_k"]
+        else:
+            k = F.linear(key, w_k, b_k)
+            if a["bias_k"] is not None:
+                k = torch.cat([k, a["bias_k"].expand(1, batch, -1)])
+            k = k.reshape(k.shape[0], batch * heads, -1).transpose(0, 1)
+        if a["add_zero_attn"]:
+            k = torch.cat([k, k.new_zeros(k.shape[0], 1, k.shape[2])], dim=1)
+        scores = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(q.shape[-1])
+        scores = scores.view(batch, heads, length, -1)
+        extra = scores.shape[-1] - key.shape[0]  # bias_k / zero-attention keys are never masked
+        mask, padding = a["attn_mask"], a["key_padding_mask"]
+        if mask is not None:
+            mask = mask.reshape(-1, heads, *mask.shape[-2:]) if mask.dim() == 3 else mask
+            scores = _add_mask(scores, F.pad(mask, (0, extra)), allowed_when_true=False)
+        if padding is not None:
+            padding = padding[None] if unbatched else padding
+            padding = F.pad(padding, (0, extra))[:, None, None, :]
+            scores = _add_mask(scores, padding, allowed_when_true=False)
+        return scores
+
+
+def _as_heads(t: Tensor) -> Tensor:
+    """[..., L, E] as [batch, heads, L, E]: the axes between the first and the last two are
+    heads; 2-d (unbatched, one head) and 3-d (one head) inputs get the missing axes."""
+    if t.dim() == 2:
+        return t[None, None]
+    if t.dim() == 3:
+        return t[:, None]
+    return t.reshape(t.shape[0], -1, *t.shape[-2:])
+
+
+def _add_mask(scores: Tensor, mask: Tensor, allowed_when_true: bool) -> Tensor:
+    """Scores with a boolean (which entries attend) or additive float mask applied."""
+    if mask.dtype == torch.bool:
+        blocked = ~mask if allowed_when_true else mask
+        return scores.masked_fill(blocked, -torch.inf)
+    return scores + mask.float()
+
+
+class _AttentionMode(TorchFunctionMode):
+    """Passes every torch call on; hands the scores of attention calls to `record` and the
+    inputs of cross-entropy to `record_logits`."""
+
+    def __init__(
+        self,
+        record: Callable[[Tensor, Tensor | None], None],
+        record_logits: Callable[[Tensor, Any, int], None],
+    ) -> None:
+        super().__init__()
+        self._record = record
+        self._record_logits = record_logits
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        output = func(*args, **kwargs)
+        # Evaluation inside a probe step; or a compiled submodule that dynamo traces through
+        # this mode: it passes through (the attention inside a compiled region is not seen).
+        if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return output
+        if name == "softmax" and args and isinstance(args[0], Tensor):
+            dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+            scores = softmax_scores(args[0], dim) if isinstance(dim, int) else None
+            if scores is not None and isinstance(output, Tensor):
+                self._record(scores, output.reshape(scores.shape))
+        elif name == "scaled_dot_product_attention":
+            self._record(sdpa_scores(*_sdpa_arguments(args, kwargs)), None)
+        elif name == "multi_head_attention_forward":
+            self._record(mha_scores(args, kwargs), None)
+        elif name == "cross_entropy" and args and isinstance(args[0], Tensor):
+            target = kwargs.get("target", args[1] if len(args) > 1 else None)
+            self._record_logits(args[0], target, kwargs.get("ignore_index", -100))
+        return output
+
+
+def _sdpa_arguments(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+    given = dict(zip(names, args, strict=False)) | kwargs
+    return (
+        given["query"],
+        given["key"],
+        given.get("attn_mask"),
+        bool(given.get("is_causal", False)),
+        given.get("scale"),
+        bool(given.get("enable_gqa", False)),
+    )
+
+
+eager_unless_traced(AttentionProbes._enter)
