@@ -67,11 +67,14 @@ def clip_grad_norm_floor(work: Workload, tmp: Path) -> Iterator[Stepper]:
 
 
 def gradwatch_variant(
-    module_hooks: bool = True, guards: Callable[[], list] = list, **kwargs: object
+    module_hooks: bool = True,
+    attention: bool = True,
+    guards: Callable[[], list] = list,
+    **kwargs: object,
 ) -> Variant:
     """gw.watch with `kwargs` and fresh `guards()` each round; module_hooks=False removes the
-    forward hooks that flag non-finite outputs (a measurement of their cost only: private API,
-    not a user setting)."""
+    forward hooks that flag non-finite outputs, attention=False the attention and logit probes
+    (measurements of their cost only: private API, not user settings)."""
 
     @contextlib.contextmanager
     def variant(work: Workload, tmp: Path) -> Iterator[Stepper]:
@@ -79,6 +82,8 @@ def gradwatch_variant(
         with gw.watch(work.model, work.optimizer, run_dir=run_dir, guards=guards(), **kwargs) as w:
             if not module_hooks:
                 w._module_probes.detach()
+            if not attention:
+                w._probe_records.attention.detach()
             work.log = w.log  # type: ignore[attr-defined]
             yield Stepper(work)
         del work.log  # type: ignore[attr-defined]

@@ -79,6 +79,10 @@ class ProbeRecords:
         if self.examples is not None:
             self.examples.detach()
 
+    def end_forward(self) -> None:
+        """The step's forward passes and losses are over: its gradients are about to be read."""
+        self.attention.leave()
+
     def set_step(self, probe: bool, histograms: bool) -> None:
         """What the next forward pass belongs to: a probe step, one with histograms."""
         self._probe = probe

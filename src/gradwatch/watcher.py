@@ -308,6 +308,7 @@ class Watcher:
     def _record_grads(self, present: list[PresentGroup], row: int | None, step: int) -> Tensor:
         """Gradient statistics into `row` (if the step is recorded); the pre-guard global norm of
         this rank's gradients (of its shards, under FSDP2)."""
+        self._probe_records.end_forward()
         probe = self._probes(step)
         norm = self._statistics.record_grads(
             present,

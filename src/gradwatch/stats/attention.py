@@ -43,7 +43,9 @@ Cost: probe steps only. The mode sees every torch call of the forward (a Python 
 µs); each attention call costs about one more softmax over its scores (for SDPA and
 MultiheadAttention also the q·kᵀ product, in chunks of at most `CHUNK` scores); the logits cost
 one logsumexp. No host sync. Under torch.compile the probes do not run (the values are NaN).
-The mode is left at the step's gradient statistics, or at the next forward off a probe step.
+The mode is left when the step's gradients are read (the watcher's step pre-hook, before its own
+statistics), or at the next forward off a probe step. A backward called inside it runs outside
+it (a mode is off the stack while it handles a call), so only the forward and the loss pay.
 """
 
 from __future__ import annotations
@@ -100,7 +102,7 @@ class AttentionProbes:
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
-        self._leave()
+        self.leave()
 
     @property
     def _active(self) -> bool:
@@ -111,9 +113,11 @@ class AttentionProbes:
             self._mode.__enter__()
             self._entered = True
         elif not self.probe:
-            self._leave()  # a probe step whose update never came (a skipped step)
+            self.leave()  # a probe step whose update never came (a skipped step)
 
-    def _leave(self) -> None:
+    def leave(self) -> None:
+        """Stop watching torch calls (the step's gradients are being read: the forward pass and
+        the loss are over)."""
         if self._entered:
             self._entered = False
             self._mode.__exit__(None, None, None)
@@ -167,7 +171,7 @@ class AttentionProbes:
         """This probe step's attention statistics ([modules, 2], None without attention) and
         logit scalars, combined over the ranks (a few all-reduces); then leave the mode and
         start afresh."""
-        self._leave()
+        self.leave()
         array = None
         if self.names:
             largest = self.ranks.max(torch.stack(self._max))
@@ -206,8 +210,8 @@ def attention_statistics(scores: Tensor, weights: Tensor | None = None) -> tuple
     for start in range(0, batch, step):
         s = scores[start : start + step].detach().float()
         p = s.softmax(dim=-1) if weights is None else weights[start : start + step].detach().float()
-        kept = p > 0
-        largest = torch.maximum(largest, torch.where(kept, s.abs(), 0.0).amax())
+        low, high = s.masked_fill(p == 0, 0.0).aminmax()
+        largest = torch.maximum(largest, torch.maximum(high, -low))
         h = -torch.special.xlogy(p, p).sum(dim=-1)  # [batch, heads, queries]; NaN: no key left
         valid = torch.isfinite(h)
         entropy[0] += torch.where(valid, h, 0.0).sum(dim=(0, 2))
@@ -330,6 +334,8 @@ class _AttentionMode(TorchFunctionMode):
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
         output = func(*args, **kwargs)
+        if name not in _SEEN:  # nearly every call: pass it on at once
+            return output
         # Evaluation inside a probe step; or a compiled submodule that dynamo traces through
         # this mode: it passes through (the attention inside a compiled region is not seen).
         if not torch.is_grad_enabled() or torch.compiler.is_compiling():
@@ -347,6 +353,11 @@ class _AttentionMode(TorchFunctionMode):
             target = kwargs.get("target", args[1] if len(args) > 1 else None)
             self._record_logits(args[0], target, kwargs.get("ignore_index", -100))
         return output
+
+
+_SEEN = frozenset(
+    ("softmax", "scaled_dot_product_attention", "multi_head_attention_forward", "cross_entropy")
+)
 
 
 def _sdpa_arguments(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
