@@ -24,6 +24,7 @@ from gradwatch.stats.attention import ATTENTION, AttentionProbes
 from gradwatch.stats.buffer import HostCopy, ProbeArrays
 from gradwatch.stats.flow import MODULE_STATS, ModuleProbes
 from gradwatch.stats.grads import GRAD_NORM, PE_NORM_MAX, PE_NORM_P50, GradStatistics, PresentGroup
+from gradwatch.stats.noise_scale import PartialGradients
 from gradwatch.stats.per_example import ExampleProbes
 from gradwatch.stats.through_time import TIME_STATS, TimeProbes
 
@@ -55,7 +56,12 @@ class ProbeRecords:
         self.attention = AttentionProbes(model, device, topology.ranks)
         self._arrays = ProbeArrays()
         self.examples: ExampleProbes | None = None
+        self.parts: PartialGradients | None = None
         self._warned_skipped = False
+        if not config.per_example and not topology.sharded:
+            self.parts = PartialGradients(
+                model, inventory.params, device, topology.ranks, topology.world_size
+            )
         if config.per_example:
             if topology.distributed:
                 raise ValueError(
@@ -70,12 +76,16 @@ class ProbeRecords:
     def attach(self) -> None:
         self.time_probes.attach()
         self.attention.attach()
+        if self.parts is not None:
+            self.parts.attach()
         if self.examples is not None:
             self.examples.attach()
 
     def detach(self) -> None:
         self.time_probes.detach()
         self.attention.detach()
+        if self.parts is not None:
+            self.parts.detach()
         if self.examples is not None:
             self.examples.detach()
 
@@ -89,6 +99,8 @@ class ProbeRecords:
         self.module_probes.histograms = histograms
         self.time_probes.probe = probe
         self.attention.probe = probe
+        if self.parts is not None:
+            self.parts.next_step(probe)
         if self.examples is not None:
             self.examples.active = probe
 
@@ -119,14 +131,20 @@ class ProbeRecords:
             self._arrays.add(ATTENTION, step, tuple(names), attention)
         for name, value in logits.items():
             record(name, value)
+        batch_square = torch.nansum(tensor_row[:, GRAD_NORM].double().square())
+        if self.parts is not None:
+            found = self.parts.record(batch_square)
+            if found is not None:
+                record("gns_simple", found[0])
+                record("gns_batch", found[1])
         if self.examples is not None:
-            self._record_examples(tensor_row, record)
+            self._record_examples(tensor_row, batch_square, record)
 
     def take(self) -> dict[str, tuple[list[int], tuple[str, ...], HostCopy]]:
         """The arrays recorded since the last flush, on their way to the host."""
         return self._arrays.take()
 
-    def _record_examples(self, tensor_row: Tensor, record: Record) -> None:
+    def _record_examples(self, tensor_row: Tensor, batch_square: Tensor, record: Record) -> None:
         """Per-example norms: quantiles per tensor into the row, the totals' and the noise scale
         as scalars."""
         assert self.examples is not None
@@ -151,7 +169,6 @@ class ProbeRecords:
         tensor_row[:, PE_NORM_P50 : PE_NORM_MAX + 1] = found.quantiles().to(tensor_row)
         squares = found.totals()
         norms = squares.sqrt()
-        batch_square = torch.nansum(tensor_row[:, GRAD_NORM].double().square())
         skipped = torch.isnan(squares).any()
         scalars = {
             "pe_examples": float(squares.numel()),
@@ -159,7 +176,8 @@ class ProbeRecords:
             "pe_total_max": norms.max(),
             "pe_total_argmax": torch.where(skipped, torch.nan, norms.argmax().float()),
             "pe_top_share": squares.max() / squares.sum(),
-            "gns_simple": self.examples.noise.update(squares, batch_square),
+            "gns_simple": self.examples.noise.update(squares.mean(), batch_square, squares.numel()),
+            "gns_batch": float(squares.numel()),
         }
         for name, value in scalars.items():
             record(name, value)

@@ -1,9 +1,10 @@
 """Detectors on per-example gradient norms (`gw.watch(..., per_example=True)`): the batch size
 against the gradient noise scale, and examples that dominate the batch gradient.
 
-Both read the scalars a probe step records (`pe_examples`, `gns_simple`, `pe_top_share`,
-`pe_total_argmax`, see `stats/per_example.py` and `stats/noise_scale.py`); without
-`per_example` those are absent and the rules stay quiet.
+Both read the scalars a probe step records (`gns_batch`, `gns_simple`, `pe_top_share`,
+`pe_total_argmax`, see `stats/per_example.py` and `stats/noise_scale.py`). Without
+`per_example`, B_simple comes from the step's micro-batches or DDP ranks when it has two or
+more; otherwise those scalars are absent and the rules stay quiet.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def batch_size(block: StatsBlock, layout: ModelLayout, memory: dict[str, Any]) -
     not a failure: severity info.
     """
     estimates = memory.setdefault("estimates", [])
-    batches = block.scalar("pe_examples")
+    batches = block.scalar("gns_batch")
     noise = block.scalar("gns_simple")
     findings = []
     for step, n, b_simple in zip(block.steps, batches, noise, strict=True):
@@ -108,7 +109,7 @@ def outlier_examples(
     """
     seen = memory.setdefault("seen", [])
     shares = block.scalar("pe_top_share")
-    batches = block.scalar("pe_examples")
+    batches = block.scalar("gns_batch")
     indices = block.scalar("pe_total_argmax")
     new = False
     for step, share, n, index in zip(block.steps, shares, batches, indices, strict=True):

@@ -329,25 +329,30 @@ def tiny_gradients(data: ReportData) -> Figure | None:
 
 
 def per_example(data: ReportData) -> Figure | None:
-    """Per-example gradient norms over the probe steps (median and largest of the totals), and
-    the noise scale B_simple against the batch size (`per_example=True` runs)."""
+    """Per-example gradient norms over the probe steps (median and largest of the totals,
+    `per_example=True` runs), and the noise scale B_simple against the batch size (also from
+    micro-batches or DDP ranks)."""
     median, largest = data.series("pe_total_p50"), data.series("pe_total_max")
-    if median is None or not np.isfinite(median).any():
+    noise, batch = data.series("gns_simple"), data.series("gns_batch")
+    examples = median is not None and largest is not None and np.isfinite(median).any()
+    scale = noise is not None and batch is not None and np.isfinite(noise).any()
+    if not examples and not scale:
         return None
-    rows = np.isfinite(median)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
-    steps = data.steps[rows]
-    axes[0].plot(steps, median[rows], marker=".", label="median example")
-    axes[0].plot(steps, largest[rows], marker=".", label="largest example")
-    _log_scale(axes[0], largest[rows])
+    if examples:
+        rows = np.isfinite(median)
+        steps = data.steps[rows]
+        axes[0].plot(steps, median[rows], marker=".", label="median example")
+        axes[0].plot(steps, largest[rows], marker=".", label="largest example")
+        _log_scale(axes[0], largest[rows])
+        axes[0].legend(fontsize=8)
     axes[0].set_title("per-example gradient norm ‖∇ℓ_i‖ (probe steps)")
     axes[0].set_xlabel("step")
-    axes[0].legend(fontsize=8)
-    noise, batch = data.series("gns_simple"), data.series("pe_examples")
-    if noise is not None and np.isfinite(noise).any():
+    if scale:
         known = np.isfinite(noise)
         axes[1].plot(data.steps[known], noise[known], marker=".", label="B_simple (EMA)")
-        axes[1].plot(steps, batch[rows], ls="--", label="batch size")
+        sized = np.isfinite(batch)
+        axes[1].plot(data.steps[sized], batch[sized], ls="--", label="batch size")
         _log_scale(axes[1], noise[known])
         axes[1].legend(fontsize=8)
     axes[1].set_title("gradient noise scale B_simple and the batch size")
