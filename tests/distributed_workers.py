@@ -95,6 +95,7 @@ def train(
     poison_grad: tuple[int, int] | None = None,
     spike_at: int | None = None,
     micro_batches: int = 1,
+    one_batch: bool = False,
 ) -> gw.Watcher:
     """Train `model` on this rank's part of the global batches under gw.watch and close it.
 
@@ -102,7 +103,7 @@ def train(
     layer's weight (its shard, under FSDP2), gets a NaN at that step. spike_at multiplies the loss
     by 50 at that step on every rank (a gradient spike for the clipping guards). micro_batches > 1
     accumulates gradients over that many parts of the rank's batch (DDP: under no_sync but the
-    last), each loss divided by their number.
+    last), each loss divided by their number. one_batch trains on the first batch at every step.
     """
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     with gw.watch(
@@ -114,7 +115,8 @@ def train(
         histogram_every=1,
         guards=list(guards),
     ) as w:
-        for step, (x, y) in enumerate(batches(steps)):
+        data = batches(steps)
+        for step, (x, y) in enumerate([data[0]] * steps if one_batch else data):
             x, y = shard_of_batch(x, rank, world), shard_of_batch(y, rank, world)
             if poison_input == (step, rank):
                 x = x.clone()
@@ -190,6 +192,7 @@ def scenario_ddp(out: Path, rank: int, world: int) -> dict:
     result = {"hooks_left": hook_count(model) - hooks_before}
     train(nn.parallel.DistributedDataParallel(make_recurrent()), out / "ddp-rnn", rank, world)
     train(nn.parallel.DistributedDataParallel(make_attentive()), out / "ddp-attn", rank, world)
+    train(ddp(), out / "ddp-noise", rank, world, steps=12, lr=0.0, one_batch=True)
     result["own_dir_exists"] = (out / f"ddp-rank{rank}").exists()
     w = train(ddp(), out / "ddp-nan-input", rank, world, poison_input=(2, 1))
     result["findings"] = [(f.kind, f.layer, f.step, f.evidence) for f in w.findings()]

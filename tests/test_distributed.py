@@ -154,6 +154,21 @@ def test_ddp_attention_and_logit_statistics_are_the_global_batchs(ddp_run, tmp_p
         np.testing.assert_allclose(run.series(name), expected, rtol=1e-5, err_msg=name)
 
 
+def test_ddp_noise_scale_from_ranks_equals_two_micro_batches(ddp_run, tmp_path):
+    """Each rank's half of the batch is one part (B_small = 4, B_big = 8): the same estimate as
+    one process accumulating the two halves."""
+    out, _ = ddp_run
+    train(make_model(), tmp_path / "single", steps=12, lr=0.0, micro_batches=2, one_batch=True)
+    run, reference = gw.open_run(out / "ddp-noise"), gw.open_run(tmp_path / "single")
+    noise, expected = run.series("gns_simple"), reference.series("gns_simple")
+    # The ranks are parts from step 0 on; micro-batches only once a step has shown them (step 2,
+    # the next probe step): the same estimate each step (one batch, lr 0), different warm-ups.
+    both = np.isfinite(noise) & np.isfinite(expected)
+    assert both.sum() >= 2 and np.isfinite(noise).sum() > both.sum()
+    np.testing.assert_allclose(noise[both], expected[both], rtol=1e-5)
+    assert (run.series("gns_batch")[run.steps % 2 == 0] == 8).all()
+
+
 def test_ddp_only_rank_0_writes_and_every_hook_is_removed(ddp_run):
     _, results = ddp_run
     assert [r["own_dir_exists"] for r in results] == [True, False]

@@ -40,6 +40,8 @@ class WatchConfig:
         micro-batch, divided by their number under gradient accumulation), "sum" for summed
         losses. Costs a per-example computation per module on probe steps (Gram matrices or
         materialised per-example gradients, a torch.func fallback for modules without a rule).
+        Without it, `gns_simple` still comes from a step's micro-batches or DDP ranks when it
+        has two or more (`stats/noise_scale.py`).
     """
 
     run_dir: str

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from gradwatch.distributed import LOCAL, Reduction
+from gradwatch.stats.hooks import eager_unless_traced
 
 BETA = 0.9
 WARM_UP = 3
@@ -145,3 +146,6 @@ class PartialGradients:
         # scale), and the step's gradient is the mean over the parts of theirs.
         small = self._parts * total / self.world_size
         return self.noise.update(small, big_square, parts, examples), parts * examples
+
+
+eager_unless_traced(PartialGradients._count)
