@@ -159,6 +159,17 @@ def test_logit_lse_is_the_cross_entropy_inputs_log_z(tmp_path):
     np.testing.assert_allclose(run.series("logit_lse_max")[0], lse.abs().max().item(), rtol=1e-5)
 
 
+def test_a_softmax_in_the_loss_code_is_not_attention(tmp_path):
+    model = nn.Linear(4, 6)
+    x = torch.randn(2, 3, 6, 4)  # the output is [2, 3, 6, 6]: shaped like attention scores
+
+    def loss_fn(z):  # type: ignore[no-untyped-def]
+        return -(z.softmax(dim=-1) * z).sum()
+
+    run = watched_step(model, loss_fn, tmp_path, x)
+    assert run.attention_modules == []
+
+
 def test_a_regression_loss_records_no_logits(tmp_path):
     model = nn.Linear(4, 300)
     run = watched_step(model, lambda z: (z - 100).square().mean(), tmp_path, torch.randn(8, 4))
@@ -286,3 +297,29 @@ def test_adam_epsilon_when_eps_dominates_and_not_by_default():
         < 0.5
     )
     assert "adam_epsilon" not in kinds(default)
+
+
+# ---- where the statistics go ---------------------------------------------------------------
+def test_tensorboard_and_live_sinks_carry_the_attention_statistics(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from gradwatch.sinks.live import LiveMetrics
+    from gradwatch.sinks.tensorboard import export_tensorboard
+
+    result = proxy.train("explicit", lr=0.01, steps=20, run_dir=str(tmp_path / "run"))
+    run = gw.open_run(result.run_dir)
+    export_tensorboard(result.run_dir, tmp_path / "tb")
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    written = events.Scalars("attention/attn_max_logit/blocks.1.attn")
+    assert [e.step for e in written] == [0, 10]
+    np.testing.assert_allclose(
+        [e.value for e in written], run.series("attn_max_logit")[[0, 10], 1], rtol=1e-6
+    )
+    assert "scalars/logit_lse" in events.Tags()["scalars"]
+    rows = dict(row for block in run.blocks() for row in LiveMetrics().rows(block, [], []))
+    assert rows[10]["gradwatch/attn_entropy/blocks.0.attn"] == pytest.approx(
+        float(run.series("attn_entropy")[10, 0])
+    )
+    assert "gradwatch/logit_lse" in rows[10] and "gradwatch/logit_lse" not in rows[11]

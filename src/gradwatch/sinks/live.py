@@ -6,7 +6,10 @@ Per recorded step `gradwatch/global_grad_norm`; on probe steps `gradwatch/grad_n
 over the model's depth (first and last included). So a sink holds at most 1 + 2·layers metric
 series (33 with the default 16), whatever the size of the model. Sinks that show histograms (W&B)
 also get, on probe steps, `gradwatch/grad_hist/<tensor>` and `gradwatch/act_hist/<module>` for
-the same tensors and modules (see `stats/histograms.py` for the bins).
+the same tensors and modules (see `stats/histograms.py` for the bins). Transformers add, on probe
+steps, `gradwatch/attn_max_logit/<module>` and `gradwatch/attn_entropy/<module>` for at most
+`layers` attention modules and `gradwatch/logit_lse` (`stats/attention.py`): the early signs of
+their instabilities.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from gradwatch.detect.findings import Finding
+from gradwatch.stats.attention import ATTENTION, ATTENTION_STATS
 from gradwatch.stats.buffer import StatsBlock
 from gradwatch.stats.histograms import finite_edges
 
@@ -53,8 +57,12 @@ class LiveMetrics:
         grads = block.tensor_series("grad_norm")
         signals = block.module_series("signal_norm")
         global_norms = block.scalar("global_grad_norm")
+        attention = self._attention(block)
+        lse = block.scalar("logit_lse")
         for r, step in enumerate(block.steps):
             metrics = {f"{PREFIX}/global_grad_norm": float(global_norms[r])}
+            metrics.update(attention.get(int(step), {}))
+            metrics[f"{PREFIX}/logit_lse"] = float(lse[r])
             if np.isfinite(signals[r]).any():  # a probe step
                 for t in chosen_tensors:
                     metrics[f"{PREFIX}/grad_norm/{tensors[t]}"] = float(grads[r, t])
@@ -63,6 +71,21 @@ class LiveMetrics:
             finite = {k: v for k, v in metrics.items() if math.isfinite(v)}
             if finite:
                 yield int(step), finite
+
+    def _attention(self, block: StatsBlock) -> dict[int, dict[str, float]]:
+        """Per probe step, the attention statistics of at most `layers` attention modules."""
+        array = block.arrays.get(ATTENTION)
+        if array is None or not array.data.size:
+            return {}
+        chosen = spread(len(array.columns), self.layers)
+        return {
+            int(step): {
+                f"{PREFIX}/{stat}/{array.columns[c]}": float(array.data[r, c, s])
+                for s, stat in enumerate(ATTENTION_STATS)
+                for c in chosen
+            }
+            for r, step in enumerate(array.steps)
+        }
 
     def histograms(
         self, block: StatsBlock, tensors: list[str], modules: list[str]

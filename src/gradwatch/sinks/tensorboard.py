@@ -1,7 +1,8 @@
 """TensorBoard: a live sink for `watch(sinks=...)` and `export_tensorboard` for a stored run.
 
 Tags: `grad/<stat>/<tensor>` for per-tensor statistics, `module/<stat>/<module>` for per-module
-ones, `scalars/<name>` for per-step scalars, the probe steps' histograms as TensorBoard histograms
+ones, `scalars/<name>` for per-step scalars, `attention/<stat>/<module>` for the attention
+statistics of transformers, the probe steps' histograms as TensorBoard histograms
 under `grad_hist/<tensor>` (log10|g|) and `act_hist/<module>` (output values), and the findings
 as text under `findings`. Only recorded (finite) values are written. Histograms go through the
 raw-histogram API: only the counts leave the store; the open end bins get finite edges
@@ -20,6 +21,7 @@ import numpy as np
 from gradwatch.detect.findings import Finding
 from gradwatch.extras import optional
 from gradwatch.stats.buffer import ProbeArray, StatsBlock
+from gradwatch.stats.attention import ATTENTION, ATTENTION_STATS
 from gradwatch.stats.histograms import HISTOGRAM_EDGES, finite_edges
 
 
@@ -46,6 +48,8 @@ class TensorBoard:
         for name, array in block.arrays.items():
             if name in HISTOGRAM_EDGES:
                 self._histograms(name, array)
+            elif name == ATTENTION:
+                self._scalars(array.steps, array.data, ATTENTION_STATS, array.columns, "attention")
 
     def write_findings(self, findings: list[Finding]) -> None:
         for f in findings:

@@ -28,8 +28,9 @@ loss the user computes after the forward):
   here from q and k, with its mask, causal flag, scale and grouped-query heads);
 - `nn.MultiheadAttention` (`F.multi_head_attention_forward`: q and k from its input projection,
   its masks, `bias_k` and `add_zero_attn`).
-The call belongs to the innermost module of the model whose `forward` is on the Python stack
-(torch's own `nn.Softmax` passes it to its parent), named as in `named_modules()`.
+The call belongs to the innermost module of the model with a method on the Python stack (its
+`forward`, or a helper it calls; torch's own `nn.Softmax` passes it to its parent), named as in
+`named_modules()`; calls outside the model (a softmax in the user's loss code) are left out.
 
 For the output logits z, the input of `F.cross_entropy` (also through `nn.CrossEntropyLoss`,
 and inside Hugging Face models that compute their loss), per probe step, as scalars:
@@ -126,6 +127,8 @@ class AttentionProbes:
         """Add one attention call ([batch, heads, queries, keys] scores; the weights the model
         used, or None to compute them from the scores) to its module's sums."""
         name = self._owner()
+        if name is None:
+            return
         if name not in self.names:
             self.names.append(name)
             self._max.append(torch.zeros((), device=self.device))
@@ -137,15 +140,16 @@ class AttentionProbes:
         torch.maximum(self._max[index], largest.to(self.device), out=self._max[index])
         self._entropy[index] += entropy.to(self.device)
 
-    def _owner(self) -> str:
-        """The innermost module of the model whose forward is running (see the module docs)."""
+    def _owner(self) -> str | None:
+        """The innermost module of the model whose forward (or a method of it) is running, None
+        outside the model (a softmax in the user's loss code is not attention)."""
         frame = sys._getframe(1)
         while frame is not None:
             owner = frame.f_locals.get("self")
             if owner is not None and id(owner) in self._names and not isinstance(owner, nn.Softmax):
                 return self._names[id(owner)]
             frame = frame.f_back
-        return ""
+        return None
 
     def _record_logits(self, logits: Tensor, target: Any, ignore_index: int) -> None:
         """Add the log Z of one cross-entropy input ([N, C, ...], [C]) to the step's sums."""
