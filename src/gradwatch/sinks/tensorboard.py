@@ -20,8 +20,8 @@ import numpy as np
 
 from gradwatch.detect.findings import Finding
 from gradwatch.extras import optional
-from gradwatch.stats.buffer import ProbeArray, StatsBlock
 from gradwatch.stats.attention import ATTENTION, ATTENTION_STATS
+from gradwatch.stats.buffer import ProbeArray, StatsBlock
 from gradwatch.stats.histograms import HISTOGRAM_EDGES, finite_edges
 
 
