@@ -180,14 +180,16 @@ class AttentionProbes:
         if self.names:
             largest = self.ranks.max(torch.stack(self._max))
             sums = self.ranks.sum(torch.cat([e.flatten() for e in self._entropy]))
-            entropies, start = [], 0
+            entropies, called, start = [], [], 0
             for e in self._entropy:
                 total, rows = sums[start : start + e.numel()].view_as(e)
                 start += e.numel()
-                entropies.append(torch.where(rows > 0, total / rows.clamp_min(1), torch.nan).min())
-            seen = torch.stack([e[1].sum() > 0 for e in self._entropy])[:, None]
+                entropies.append((total / rows.clamp_min(1)).min())
+                called.append(rows.sum() > 0)
             array = torch.where(
-                seen, torch.stack([largest, torch.stack(entropies)], dim=1), torch.nan
+                torch.stack(called)[:, None],
+                torch.stack([largest, torch.stack(entropies)], dim=1),
+                torch.nan,
             )
             for m, e in zip(self._max, self._entropy, strict=True):
                 m.zero_()
@@ -195,9 +197,10 @@ class AttentionProbes:
         total, positions = self.ranks.sum(self._logits[:2].clone())
         largest_lse = self.ranks.max(self._logits[2:].clone())[0]
         seen = positions > 0
+        mean_name, max_name = LOGIT_SCALARS
         scalars = {
-            "logit_lse": torch.where(seen, total / positions.clamp_min(1), torch.nan),
-            "logit_lse_max": torch.where(seen, largest_lse, torch.nan),
+            mean_name: torch.where(seen, total / positions.clamp_min(1), torch.nan),
+            max_name: torch.where(seen, largest_lse, torch.nan),
         }
         self._logits.zero_()
         return list(self.names), array, scalars
