@@ -61,6 +61,9 @@ def backpack_l2(work: Workload, tmp: Path) -> Iterator[Stepper]:
     def step(between: Callable[[], None] | None) -> torch.Tensor:
         loss = loss_fn(model(work.inputs), work.targets)
         work.optimizer.zero_grad(set_to_none=True)
+        for p in model.parameters():  # a norm left from an earlier step must not pass for one
+            if hasattr(p, "batch_l2"):
+                del p.batch_l2
         with backpack(BatchL2Grad()):
             loss.backward()
         torch.stack([p.batch_l2 for p in model.parameters()]).sum(dim=0)
@@ -72,10 +75,14 @@ def backpack_l2(work: Workload, tmp: Path) -> Iterator[Stepper]:
     finally:
         from backpack import memory_cleanup
 
-        for module in model.modules():
+        for module in [model, loss_fn, *model.modules()]:
             memory_cleanup(module)
             for hooks in (module._forward_hooks, module._backward_hooks):
                 hooks.clear()
+            # extend() skips a module flagged as extended: without the flag the next round's
+            # extend() hooks it again (before, later rounds ran BackPACK with no hooks at all)
+            if hasattr(module, "_backpack_extend"):
+                del module._backpack_extend
 
 
 @contextlib.contextmanager
