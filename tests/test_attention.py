@@ -15,6 +15,7 @@ import transformer_proxy as proxy
 from torch import nn
 
 import gradwatch as gw
+from gradwatch.stats import attention as attention_stats
 
 
 def reference(scores: torch.Tensor) -> tuple[float, float]:
@@ -59,7 +60,13 @@ def test_attention_statistics_equal_the_scores_softmax_sees(attention, tmp_path)
     np.testing.assert_allclose(got, np.array(expected), rtol=1e-5)
 
 
-def test_sdpa_masks_scale_and_grouped_heads_are_followed(tmp_path):
+@pytest.mark.parametrize("one_example_at_a_time", [False, True])
+def test_sdpa_masks_scale_and_grouped_heads_are_followed(
+    one_example_at_a_time, tmp_path, monkeypatch
+):
+    if one_example_at_a_time:  # the scores made in chunks of the batch, the mask sliced alike
+        monkeypatch.setattr(attention_stats, "CHUNK", 1)
+
     class GroupedAttention(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -87,7 +94,12 @@ def test_sdpa_masks_scale_and_grouped_heads_are_followed(tmp_path):
 
 
 @pytest.mark.parametrize("need_weights", [True, False])
-def test_multihead_attention_with_masks_and_bias_k(need_weights, tmp_path):
+@pytest.mark.parametrize("one_example_at_a_time", [False, True])
+def test_multihead_attention_with_masks_and_bias_k(
+    need_weights, one_example_at_a_time, tmp_path, monkeypatch
+):
+    if one_example_at_a_time:
+        monkeypatch.setattr(attention_stats, "CHUNK", 1)
     torch.manual_seed(0)
     mha = nn.MultiheadAttention(8, 2, batch_first=True, add_bias_kv=True)
     x = torch.randn(3, 4, 8)

@@ -74,20 +74,17 @@ class ProbeRecords:
         self._probe = False
 
     def attach(self) -> None:
-        self.time_probes.attach()
-        self.attention.attach()
-        if self.parts is not None:
-            self.parts.attach()
-        if self.examples is not None:
-            self.examples.attach()
+        for probes in self._hooked():
+            probes.attach()
 
     def detach(self) -> None:
-        self.time_probes.detach()
-        self.attention.detach()
-        if self.parts is not None:
-            self.parts.detach()
-        if self.examples is not None:
-            self.examples.detach()
+        for probes in self._hooked():
+            probes.detach()
+
+    def _hooked(self) -> list[TimeProbes | AttentionProbes | PartialGradients | ExampleProbes]:
+        """The parts that hook the model."""
+        parts = [self.time_probes, self.attention, self.parts, self.examples]
+        return [p for p in parts if p is not None]
 
     def end_forward(self) -> None:
         """The step's forward passes and losses are over: its gradients are about to be read."""

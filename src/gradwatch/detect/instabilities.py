@@ -28,6 +28,7 @@ import numpy as np
 
 from gradwatch.detect.findings import Finding
 from gradwatch.detect.layout import ModelLayout
+from gradwatch.detect.streaks import streak
 from gradwatch.stats.attention import ATTENTION, ATTENTION_STATS
 from gradwatch.stats.buffer import StatsBlock
 
@@ -44,20 +45,8 @@ LSE_DRIFT = 2.0
 LSE_WINDOW = 3
 # adam_epsilon: the share of a weight matrix's entries whose √v̂ is below 10·ε.
 ADAM_EPS_SHARE = 0.5
-# Probe steps of history shown as the trend in a finding's evidence.
+# Probe steps of history kept (besides the first) and shown as the trend in a finding's evidence.
 _TREND = 6
-
-
-def _streak(memory: dict[str, Any], key: Any, step: int, holds: bool) -> int | None:
-    """Track a condition per key over probe steps; the first step of a streak that has lasted
-    PERSISTENT_PROBES probes, else None."""
-    streaks = memory.setdefault("streaks", {})
-    if not holds:
-        streaks.pop(key, None)
-        return None
-    first, length = streaks.get(key, (step, 0))
-    streaks[key] = (first, length + 1)
-    return first if length + 1 >= PERSISTENT_PROBES else None
 
 
 def attention_logit_growth(
@@ -79,8 +68,9 @@ def attention_logit_growth(
             if not np.isfinite(largest):
                 continue
             history.setdefault(module, []).append((step, largest, spread))
+            del history[module][1:-_TREND]  # the first probe step and the latest ones
             holds = largest >= ATTN_LOGIT_LIMIT and spread <= ATTN_ENTROPY_COLLAPSE
-            first = _streak(memory, module, step, holds)
+            first = streak(memory, module, step, holds, PERSISTENT_PROBES)
             if first is None:
                 continue
             seen = history[module]
@@ -134,9 +124,10 @@ def logit_divergence(
         if not np.isfinite(value):
             continue
         history.append((step, value))
+        del history[1:-_TREND]  # the first probe step and the latest ones
         earlier = history[-1 - LSE_WINDOW][1] if len(history) > LSE_WINDOW else np.nan
         falling = earlier - value >= LSE_DRIFT
-        first = _streak(memory, "", step, value <= -LSE_LIMIT and falling)
+        first = streak(memory, "", step, value <= -LSE_LIMIT and falling, PERSISTENT_PROBES)
         if first is None:
             continue
         findings.append(
@@ -189,7 +180,7 @@ def adam_epsilon(block: StatsBlock, layout: ModelLayout, memory: dict[str, Any])
         for t in candidates:
             live = np.prod([1 - np.nan_to_num(dead[r, c]) for c in zeroing[t]])
             holds = bool(row[t] >= ADAM_EPS_SHARE) and live > 1 - ADAM_EPS_SHARE
-            first = _streak(memory, t, step, holds)
+            first = streak(memory, t, step, holds, PERSISTENT_PROBES)
             if first is not None:
                 found[t] = (found.get(t, (first, 0.0))[0], float(row[t]))
     if not found:

@@ -9,12 +9,12 @@ from dataclasses import dataclass
 class ModelLayout:
     """Names and kinds behind the columns of a statistics block.
 
-        `tensors` / `tensor_modules` name the per-tensor columns and the module owning each tensor;
-        `modules` names the per-module columns in forward order, with each module's class name and
-        whether it owns parameters, is one of torch.nn's own layers, is a zeroing (ReLU-family) or a
-        saturating (sigmoid/tanh-family) activation. `world_size` is the number of ranks whose
-        batches the statistics describe; `tensor_dtypes` the parameters' dtypes and `module_dtypes`
-        the dtype of each module's output ("" where unseen; fp16 under autocast); `tensor_ranks` the
+    `tensors` / `tensor_modules` name the per-tensor columns and the module owning each tensor;
+    `modules` names the per-module columns in forward order, with each module's class name and
+    whether it owns parameters, is one of torch.nn's own layers, is a zeroing (ReLU-family) or a
+    saturating (sigmoid/tanh-family) activation. `world_size` is the number of ranks whose
+    batches the statistics describe; `tensor_dtypes` the parameters' dtypes and `module_dtypes`
+    the dtype of each module's output ("" where unseen; fp16 under autocast); `tensor_ranks` the
     number of dimensions of each parameter.
     """
 

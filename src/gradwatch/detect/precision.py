@@ -23,6 +23,7 @@ import numpy as np
 
 from gradwatch.detect.findings import Finding
 from gradwatch.detect.layout import ModelLayout
+from gradwatch.detect.streaks import streak
 from gradwatch.stats.buffer import StatsBlock
 from gradwatch.stats.histograms import GRAD_HIST_EDGES
 
@@ -87,8 +88,6 @@ def underflow(block: StatsBlock, layout: ModelLayout, memory: dict[str, Any]) ->
     if measured is None:
         return []
     steps, shares = measured
-    streaks: dict[int, int] = memory.setdefault("streaks", {})  # tensor -> first step of streak
-    lengths: dict[int, int] = memory.setdefault("lengths", {})
     found: dict[str, dict[int, tuple[int, float]]] = {}  # module -> tensor -> (first step, share)
     for r, step in enumerate(steps):
         row = shares[r]
@@ -96,14 +95,10 @@ def underflow(block: StatsBlock, layout: ModelLayout, memory: dict[str, Any]) ->
             continue
         typical = float(np.median(np.where(np.isfinite(row), row, 0.0)))
         for t, share in enumerate(row):
-            if not (share >= UNDERFLOW_FRAC and typical <= OTHERS_FRAC):
-                streaks.pop(t, None)
-                lengths.pop(t, None)
-                continue
-            streaks.setdefault(t, int(step))
-            lengths[t] = lengths.get(t, 0) + 1
-            if lengths[t] >= UNDERFLOW_PROBES:
-                found.setdefault(layout.tensor_modules[t], {})[t] = (streaks[t], float(share))
+            holds = bool(share >= UNDERFLOW_FRAC and typical <= OTHERS_FRAC)
+            first = streak(memory, t, int(step), holds, UNDERFLOW_PROBES)
+            if first is not None:
+                found.setdefault(layout.tensor_modules[t], {})[t] = (first, float(share))
     findings = []
     for module, tensors in found.items():
         share = max(share for _, share in tensors.values())

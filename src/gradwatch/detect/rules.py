@@ -17,6 +17,7 @@ from gradwatch.detect.findings import Finding
 from gradwatch.detect.instabilities import adam_epsilon, attention_logit_growth, logit_divergence
 from gradwatch.detect.layout import ModelLayout
 from gradwatch.detect.precision import underflow
+from gradwatch.detect.streaks import streak
 from gradwatch.detect.through_time import exploding_through_time, vanishing_through_time
 from gradwatch.stats.buffer import StatsBlock
 
@@ -303,20 +304,15 @@ def _persistent(
     """Columns whose `stat` stayed >= threshold for PERSISTENT_PROBES consecutive probe steps:
     (column, first step of the streak, last step, latest value). Streaks carry across blocks."""
     values = block.module_series(stat)
-    streaks: dict[int, tuple[int, int]] = memory.setdefault("streaks", {})
     hits = []
     for r, step in enumerate(block.steps):
         for c in columns:
             v = values[r, c]
             if np.isnan(v):
                 continue  # not a probe step, or not measured
-            if v >= threshold:
-                first, count = streaks.get(c, (int(step), 0))
-                streaks[c] = (first, count + 1)
-                if count + 1 >= PERSISTENT_PROBES:
-                    hits.append((c, first, int(step), float(v)))
-            else:
-                streaks.pop(c, None)
+            first = streak(memory, c, int(step), bool(v >= threshold), PERSISTENT_PROBES)
+            if first is not None:
+                hits.append((c, first, int(step), float(v)))
     latest = {c: (c, first, last, v) for c, first, last, v in hits}
     return list(latest.values())
 

@@ -55,6 +55,7 @@ import inspect
 import math
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -68,7 +69,7 @@ from gradwatch.stats.hooks import eager_unless_traced
 ATTENTION_STATS: tuple[str, ...] = ("attn_max_logit", "attn_entropy")
 LOGIT_SCALARS: tuple[str, ...] = ("logit_lse", "logit_lse_max")
 ATTENTION = "attention"  # the name of the probe-step array
-# At most this many scores are computed at once when SDPA or MultiheadAttention never made them.
+# At most about this many scores (and weights) exist at once while a call's statistics are made.
 CHUNK = 1 << 24
 
 _MHA_SIGNATURE = inspect.signature(F.multi_head_attention_forward)
@@ -123,20 +124,19 @@ class AttentionProbes:
             self._entered = False
             self._mode.__exit__(None, None, None)
 
-    def _record(self, scores: Tensor, weights: Tensor | None) -> None:
-        """Add one attention call ([batch, heads, queries, keys] scores; the weights the model
-        used, or None to compute them from the scores) to its module's sums."""
+    def _record(self, call: AttentionCall) -> None:
+        """Add one attention call to its module's sums."""
         name = self._owner()
         if name is None:
             return
         if name not in self.names:
             self.names.append(name)
             self._max.append(torch.zeros((), device=self.device))
-            self._entropy.append(torch.zeros(2, scores.shape[1], device=self.device))
+            self._entropy.append(torch.zeros(2, call.heads, device=self.device))
         index = self.names.index(name)
-        if self._entropy[index].shape[1] != scores.shape[1]:
+        if self._entropy[index].shape[1] != call.heads:
             return  # the same module with another head count: keep the first
-        largest, entropy = attention_statistics(scores, weights)
+        largest, entropy = attention_statistics(call)
         torch.maximum(self._max[index], largest.to(self.device), out=self._max[index])
         self._entropy[index] += entropy.to(self.device)
 
@@ -206,70 +206,113 @@ class AttentionProbes:
         return list(self.names), array, scalars
 
 
-def attention_statistics(scores: Tensor, weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """max |s| over the entries with non-zero weight, and per head [Σ entropy, rows] of
-    [batch, heads, queries, keys] scores (weights: softmax of the scores when None). In chunks of
-    the batch, so that at most about `CHUNK` weights exist at once. No host sync."""
-    batch, heads, queries, keys = scores.shape
-    step = max(1, CHUNK // max(1, heads * queries * keys))
-    largest = scores.new_zeros((), dtype=torch.float32)
-    entropy = scores.new_zeros(2, heads, dtype=torch.float32)
-    for start in range(0, batch, step):
-        s = scores[start : start + step].detach().float()
-        p = s.softmax(dim=-1) if weights is None else weights[start : start + step].detach().float()
-        low, high = s.masked_fill(p == 0, 0.0).aminmax()
-        largest = torch.maximum(largest, torch.maximum(high, -low))
-        h = -torch.special.xlogy(p, p).sum(dim=-1)  # [batch, heads, queries]; NaN: no key left
-        valid = torch.isfinite(h)
-        entropy[0] += torch.where(valid, h, 0.0).sum(dim=(0, 2))
-        entropy[1] += valid.sum(dim=(0, 2))
+@dataclass(frozen=True)
+class AttentionCall:
+    """One attention call's scores, made batch chunk by batch chunk: either the scores the
+    model's softmax saw with its weights ([batch, heads, queries, keys]), or q and k
+    ([batch, heads, L, d]) with the scale and an additive mask broadcastable to the scores (its
+    batch axis 1 or `batch`), for SDPA and nn.MultiheadAttention, which never make them."""
+
+    batch: int
+    heads: int
+    scores: Tensor | None = None
+    weights: Tensor | None = None
+    q: Tensor | None = None
+    k: Tensor | None = None
+    scale: float = 1.0
+    mask: Tensor | None = None
+
+    def chunk(self, start: int, stop: int) -> tuple[Tensor, Tensor]:
+        """(scores, weights) of examples start..stop, float32, masked entries −inf."""
+        if self.scores is not None and self.weights is not None:
+            return self.scores[start:stop].float(), self.weights[start:stop].float()
+        assert self.q is not None and self.k is not None
+        scores = self.q[start:stop].float() @ self.k[start:stop].float().transpose(-2, -1)
+        scores = scores * self.scale
+        if self.mask is not None:
+            mask = self.mask if self.mask.shape[0] == 1 else self.mask[start:stop]
+            scores = scores + mask
+        return scores, scores.softmax(dim=-1)
+
+
+def attention_statistics(call: AttentionCall) -> tuple[Tensor, Tensor]:
+    """max |s| over the entries with non-zero weight, and per head [Σ entropy, rows], of one
+    attention call. In chunks of the batch, so that at most about `CHUNK` scores exist at once
+    (the q·kᵀ product of SDPA and MultiheadAttention included). No host sync."""
+    _, queries, keys = call.heads, *_lengths(call)
+    step = max(1, CHUNK // max(1, call.heads * queries * keys))
+    largest = torch.zeros((), device=_device(call))
+    entropy = torch.zeros(2, call.heads, device=_device(call))
+    with torch.no_grad():
+        for start in range(0, call.batch, step):
+            s, p = call.chunk(start, start + step)
+            low, high = s.masked_fill(p == 0, 0.0).aminmax()
+            largest = torch.maximum(largest, torch.maximum(high, -low))
+            h = -torch.special.xlogy(p, p).sum(dim=-1)  # [batch, heads, queries]; NaN: no key
+            valid = torch.isfinite(h)
+            entropy[0] += torch.where(valid, h, 0.0).sum(dim=(0, 2))
+            entropy[1] += valid.sum(dim=(0, 2))
     return largest, entropy
 
 
-def softmax_scores(x: Tensor, dim: int) -> Tensor | None:
-    """x as [batch, heads, queries, keys] when a softmax over `dim` looks like attention (see
-    the module docs), else None."""
+def _lengths(call: AttentionCall) -> tuple[int, int]:
+    if call.scores is not None:
+        return call.scores.shape[-2], call.scores.shape[-1]
+    assert call.q is not None and call.k is not None
+    return call.q.shape[-2], call.k.shape[-2]
+
+
+def _device(call: AttentionCall) -> torch.device:
+    source = call.scores if call.scores is not None else call.q
+    assert source is not None
+    return source.device
+
+
+def softmax_call(x: Tensor, dim: int, weights: Tensor) -> AttentionCall | None:
+    """A softmax over `dim` of x, when it looks like attention (see the module docs)."""
     if dim not in (-1, x.dim() - 1) or not x.is_floating_point():
         return None
     if x.dim() >= 4:
-        return x.reshape(x.shape[0], -1, x.shape[-2], x.shape[-1])
-    if x.dim() == 3 and x.shape[1] == x.shape[2]:
-        return x[:, None]
-    return None
+        scores = x.reshape(x.shape[0], -1, x.shape[-2], x.shape[-1])
+    elif x.dim() == 3 and x.shape[1] == x.shape[2]:
+        scores = x[:, None]
+    else:
+        return None
+    return AttentionCall(
+        scores.shape[0], scores.shape[1], scores.detach(), weights.detach().reshape(scores.shape)
+    )
 
 
-def sdpa_scores(
+def sdpa_call(
     query: Tensor,
     key: Tensor,
     attn_mask: Tensor | None = None,
     is_causal: bool = False,
     scale: float | None = None,
     enable_gqa: bool = False,
-) -> Tensor:
-    """The [batch, heads, queries, keys] scores (mask added) that `F.scaled_dot_product_attention`
-    computes inside, from its arguments."""
-    with torch.no_grad():
-        q, k = _as_heads(query.detach()), _as_heads(key.detach())
-        if k.shape[1] != q.shape[1]:  # grouped-query attention: each key head serves a group
-            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-        scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
-        scores = (q.float() @ k.float().transpose(-2, -1)) * scale
-        queries, keys = scores.shape[-2:]
-        if is_causal:
-            allowed = torch.ones(queries, keys, dtype=torch.bool, device=q.device).tril()
-            scores = scores.masked_fill(~allowed, -torch.inf)
-        if attn_mask is not None:
-            scores = _add_mask(scores, _as_heads(attn_mask), allowed_when_true=True)
-        return scores
+) -> AttentionCall:
+    """The scores `F.scaled_dot_product_attention` computes inside, from its arguments."""
+    q, k = _as_heads(query.detach()), _as_heads(key.detach())
+    if k.shape[1] != q.shape[1]:  # grouped-query attention: each key head serves a group
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    queries, keys = q.shape[-2], k.shape[-2]
+    mask = None
+    if is_causal:
+        future = torch.ones(queries, keys, dtype=torch.bool, device=q.device).triu(1)
+        mask = _additive(future[None, None], blocked_when_true=True)
+    if attn_mask is not None:
+        extra = _additive(_as_heads(attn_mask.detach()), blocked_when_true=False)
+        mask = extra if mask is None else mask + extra
+    scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
+    return AttentionCall(q.shape[0], q.shape[1], q=q, k=k, scale=scale, mask=mask)
 
 
-def mha_scores(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
-    """The [batch, heads, queries, keys] scores (masks added) of one
-    `F.multi_head_attention_forward` call, from its arguments."""
-    a = _MHA_SIGNATURE.bind(*args, **kwargs)
-    a.apply_defaults()
-    a = a.arguments
-    query, key, heads = a["query"], a["key"], a["num_heads"]
+def mha_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> AttentionCall:
+    """The scores of one `F.multi_head_attention_forward` call, from its arguments."""
+    bound = _MHA_SIGNATURE.bind(*args, **kwargs)
+    bound.apply_defaults()
+    a = bound.arguments
+    query, key, heads = a["query"].detach(), a["key"].detach(), a["num_heads"]
     unbatched = query.dim() == 2
     if unbatched:
         query, key = query[:, None], key[:, None]
@@ -284,26 +327,30 @@ def mha_scores(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
         length, batch = query.shape[:2]
         q = F.linear(query, w_q, b_q).reshape(length, batch * heads, -1).transpose(0, 1)
         if a["static_k"] is not None:
-            k = a["static_k"]
+            k = a["static_k"].detach()
         else:
             k = F.linear(key, w_k, b_k)
             if a["bias_k"] is not None:
-                k = torch.cat([k, a["bias_k"].expand(1, batch, -1)])
+                k = torch.cat([k, a["bias_k"].detach().expand(1, batch, -1)])
             k = k.reshape(k.shape[0], batch * heads, -1).transpose(0, 1)
         if a["add_zero_attn"]:
             k = torch.cat([k, k.new_zeros(k.shape[0], 1, k.shape[2])], dim=1)
-        scores = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(q.shape[-1])
-        scores = scores.view(batch, heads, length, -1)
-        extra = scores.shape[-1] - key.shape[0]  # bias_k / zero-attention keys are never masked
-        mask, padding = a["attn_mask"], a["key_padding_mask"]
-        if mask is not None:
-            mask = mask.reshape(-1, heads, *mask.shape[-2:]) if mask.dim() == 3 else mask
-            scores = _add_mask(scores, F.pad(mask, (0, extra)), allowed_when_true=False)
-        if padding is not None:
-            padding = padding[None] if unbatched else padding
-            padding = F.pad(padding, (0, extra))[:, None, None, :]
-            scores = _add_mask(scores, padding, allowed_when_true=False)
-        return scores
+    q, k = q.reshape(batch, heads, length, -1), k.reshape(batch, heads, k.shape[1], -1)
+    extra = k.shape[2] - key.shape[0]  # bias_k / zero-attention keys are never masked
+    mask = None
+    if a["attn_mask"] is not None:
+        attn_mask = a["attn_mask"].detach()
+        if attn_mask.dim() == 3:
+            attn_mask = attn_mask.reshape(-1, heads, *attn_mask.shape[-2:])
+        mask = _additive(F.pad(attn_mask, (0, extra)), blocked_when_true=True)
+    if a["key_padding_mask"] is not None:
+        padding = a["key_padding_mask"].detach()
+        padding = F.pad(padding[None] if unbatched else padding, (0, extra))[:, None, None, :]
+        padding = _additive(padding, blocked_when_true=True)
+        mask = padding if mask is None else mask + padding
+    if mask is not None and mask.dim() == 2:
+        mask = mask[None, None]
+    return AttentionCall(batch, heads, q=q, k=k, scale=1 / math.sqrt(q.shape[-1]), mask=mask)
 
 
 def _as_heads(t: Tensor) -> Tensor:
@@ -316,12 +363,13 @@ def _as_heads(t: Tensor) -> Tensor:
     return t.reshape(t.shape[0], -1, *t.shape[-2:])
 
 
-def _add_mask(scores: Tensor, mask: Tensor, allowed_when_true: bool) -> Tensor:
-    """Scores with a boolean (which entries attend) or additive float mask applied."""
-    if mask.dtype == torch.bool:
-        blocked = ~mask if allowed_when_true else mask
-        return scores.masked_fill(blocked, -torch.inf)
-    return scores + mask.float()
+def _additive(mask: Tensor, blocked_when_true: bool) -> Tensor:
+    """A boolean mask (True = blocked, or True = attends) or an additive float mask, as an
+    additive float32 mask: −inf where blocked."""
+    if mask.dtype != torch.bool:
+        return mask.float()
+    blocked = mask if blocked_when_true else ~mask
+    return torch.zeros(mask.shape, device=mask.device).masked_fill(blocked, -torch.inf)
 
 
 class _AttentionMode(TorchFunctionMode):
@@ -330,7 +378,7 @@ class _AttentionMode(TorchFunctionMode):
 
     def __init__(
         self,
-        record: Callable[[Tensor, Tensor | None], None],
+        record: Callable[[AttentionCall], None],
         record_logits: Callable[[Tensor, Any, int], None],
     ) -> None:
         super().__init__()
@@ -349,13 +397,14 @@ class _AttentionMode(TorchFunctionMode):
             return output
         if name == "softmax" and args and isinstance(args[0], Tensor):
             dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
-            scores = softmax_scores(args[0], dim) if isinstance(dim, int) else None
-            if scores is not None and isinstance(output, Tensor):
-                self._record(scores, output.reshape(scores.shape))
+            if isinstance(dim, int) and isinstance(output, Tensor):
+                call = softmax_call(args[0], dim, output)
+                if call is not None:
+                    self._record(call)
         elif name == "scaled_dot_product_attention":
-            self._record(sdpa_scores(*_sdpa_arguments(args, kwargs)), None)
+            self._record(sdpa_call(*_sdpa_arguments(args, kwargs)))
         elif name == "multi_head_attention_forward":
-            self._record(mha_scores(args, kwargs), None)
+            self._record(mha_call(args, kwargs))
         elif name == "cross_entropy" and args and isinstance(args[0], Tensor):
             target = kwargs.get("target", args[1] if len(args) > 1 else None)
             self._record_logits(args[0], target, kwargs.get("ignore_index", -100))

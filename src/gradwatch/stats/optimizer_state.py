@@ -33,6 +33,7 @@ class AdamEpsilon:
     def __init__(self, optimizer: torch.optim.Optimizer, inventory: Inventory) -> None:
         self.optimizer = optimizer
         self._index = {id(p): i for i, p in enumerate(inventory.params)}
+        self._positions: dict[tuple[int, ...], Tensor] = {}
 
     def shares(self, device: torch.device) -> tuple[Tensor, Tensor] | None:
         """(inventory indices, shares) of the tensors with Adam state, on `device`; None when
@@ -52,18 +53,21 @@ class AdamEpsilon:
                 shares.append(_share_below(second, state["step"], eps, float(betas[1]), param))
         if not index:
             return None
-        return torch.tensor(index, device=device), torch.stack([s.to(device) for s in shares])
+        key = tuple(index)
+        if key not in self._positions:  # made once: no copy to the device at every probe step
+            self._positions = {key: torch.tensor(index, device=device)}
+        return self._positions[key], torch.stack([s.to(device) for s in shares])
 
 
 def _share_below(
     second: Tensor, step: Tensor | float, eps: float, beta2: float, param: Tensor
 ) -> Tensor:
     """Share of entries with √(v / (1 − β₂^t)) < EPS_FACTOR·ε, i.e. with
-    v < (EPS_FACTOR·ε)²·(1 − β₂^t)."""
+    v < (EPS_FACTOR·ε)²·(1 − β₂^t). A step counter on the host (the default) makes the threshold
+    a Python number, passed to the comparison as it is (no copy to the device)."""
     v = local_tensor(second.detach())
     if isinstance(step, Tensor) and step.device.type != "cpu":  # capturable / fused: stay there
-        correction = 1 - beta2 ** step.to(torch.float64)
+        correction: Tensor | float = 1 - beta2 ** step.to(v.device, torch.float64)
     else:
-        correction = torch.tensor(1 - beta2 ** float(step), dtype=torch.float64)
-    threshold = ((EPS_FACTOR * eps) ** 2 * correction).to(v.device)
-    return (v.double() < threshold).sum().float() / param.numel()
+        correction = 1 - beta2 ** float(step)
+    return (v < (EPS_FACTOR * eps) ** 2 * correction).sum().float() / param.numel()
