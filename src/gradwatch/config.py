@@ -104,6 +104,19 @@ def check_model_and_optimizer(model: Any, optimizer: Any) -> None:
         )
     owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
     missing = [name for pid, name in trainable.items() if pid not in owned]
+    frozen = [
+        name for name, p in model.named_parameters() if id(p) in owned and not p.requires_grad
+    ]
+    if len(missing) == len(trainable) and frozen:
+        # A real bug (the optimizer was built from the frozen part): watch, and let the
+        # `not_updated` finding say what is wrong, rather than stop the user's training.
+        warnings.warn(
+            f"the optimizer holds only frozen parameters of the model ({', '.join(frozen[:3])}"
+            f"{', ...' if len(frozen) > 3 else ''}) and none of its {len(trainable)} trainable "
+            "ones: nothing will train; gradwatch watches and reports it as `not_updated`",
+            stacklevel=3,
+        )
+        return
     if len(missing) == len(trainable):
         raise ValueError(
             "the optimizer holds none of the model's parameters; build it from this model, "

@@ -1,12 +1,13 @@
 """What a probe step records beyond the statistics rows: the histograms, the gradient through
-time of recurrent modules, the attention and output-logit statistics, and per-example gradient
-norms with the noise scale.
+time of recurrent modules, the attention and output-logit statistics, the gradient carried over
+from earlier steps, the scale of the input features, and per-example gradient norms with the
+noise scale.
 
 The watcher owns one `ProbeRecords`; it tells it which kind of step the next forward pass
 belongs to (`set_step`), hands it each probe step's gradients and rows (`record`), and takes its
 arrays at each flush (`take`). Each part is described where it is computed:
-`stats/histograms.py`, `stats/through_time.py`, `stats/attention.py`, `stats/per_example.py`,
-`stats/noise_scale.py`.
+`stats/histograms.py`, `stats/through_time.py`, `stats/attention.py`, `stats/stale.py`,
+`stats/inputs.py`, `stats/per_example.py`, `stats/noise_scale.py`.
 """
 
 from __future__ import annotations
@@ -23,9 +24,18 @@ from gradwatch.inventory import Inventory
 from gradwatch.stats.attention import ATTENTION, AttentionProbes
 from gradwatch.stats.buffer import HostCopy, ProbeArrays
 from gradwatch.stats.flow import MODULE_STATS, ModuleProbes
-from gradwatch.stats.grads import GRAD_NORM, PE_NORM_MAX, PE_NORM_P50, GradStatistics, PresentGroup
+from gradwatch.stats.grads import (
+    GRAD_NORM,
+    PE_NORM_MAX,
+    PE_NORM_P50,
+    STALE_NORM,
+    GradStatistics,
+    PresentGroup,
+)
+from gradwatch.stats.inputs import InputScale
 from gradwatch.stats.noise_scale import PartialGradients
 from gradwatch.stats.per_example import ExampleProbes
+from gradwatch.stats.stale import CarriedGradients
 from gradwatch.stats.through_time import TIME_STATS, TimeProbes
 
 GRAD_THROUGH_TIME = "grad_through_time"
@@ -54,6 +64,11 @@ class ProbeRecords:
             torch.tensor([MODULE_STATS.index(n) for n in TIME_STATS], device=device),
         )
         self.attention = AttentionProbes(model, device, topology.ranks)
+        self.inputs = InputScale(model)
+        # Under FSDP2 `.grad` is a shard that the hooks would see unsharded: left out.
+        self.carried = (
+            None if topology.sharded else CarriedGradients(inventory.params, inventory.device)
+        )
         self._arrays = ProbeArrays()
         self.examples: ExampleProbes | None = None
         self.parts: PartialGradients | None = None
@@ -80,10 +95,14 @@ class ProbeRecords:
     def detach(self) -> None:
         for probes in self._hooked():
             probes.detach()
+        if self.carried is not None:
+            self.carried.disarm()
 
-    def _hooked(self) -> list[TimeProbes | AttentionProbes | PartialGradients | ExampleProbes]:
+    def _hooked(
+        self,
+    ) -> list[TimeProbes | AttentionProbes | InputScale | PartialGradients | ExampleProbes]:
         """The parts that hook the model."""
-        parts = [self.time_probes, self.attention, self.parts, self.examples]
+        parts = [self.time_probes, self.attention, self.inputs, self.parts, self.examples]
         return [p for p in parts if p is not None]
 
     def end_forward(self) -> None:
@@ -96,6 +115,12 @@ class ProbeRecords:
         self.module_probes.histograms = histograms
         self.time_probes.probe = probe
         self.attention.probe = probe
+        self.inputs.probe = probe
+        if self.carried is not None:
+            if probe:
+                self.carried.arm()
+            else:
+                self.carried.disarm()
         if self.parts is not None:
             self.parts.next_step(probe)
         if self.examples is not None:
@@ -116,6 +141,10 @@ class ProbeRecords:
         stores a scalar of the step."""
         tensor_row, module_row = rows
         device = self.inventory.device
+        if self.carried is not None:
+            tensor_row[:, STALE_NORM] = self.carried.take().to(tensor_row)
+        for name, value in self.inputs.take().items():
+            record(name, value)
         if histograms:
             grad_hist = self.topology.shards.sum(statistics.histograms(present, device))
             self._arrays.add("grad_hist", step, tuple(self.inventory.names), grad_hist)

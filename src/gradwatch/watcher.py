@@ -16,6 +16,7 @@ rank 0 writes the store.
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import datetime
 import logging
 import weakref
@@ -129,8 +130,6 @@ class Watcher:
 
         self._writer.write_meta(run_meta(model, optimizer, config, self.inventory, self._topology))
         self._writer.write_tensors(self.inventory.tensors)
-        if self._guards:
-            self._writer.block_listeners.append(self._guard_events)
         self._attach()
         _watched_models.add(model)
         atexit.register(self._close_at_exit)
@@ -482,21 +481,38 @@ class Watcher:
             tensor_dtypes=tuple(t.dtype for t in self.inventory.tensors),
             module_dtypes=tuple(probes.output_dtype(c) for c in order),
             tensor_ranks=tuple(len(t.shape) for t in self.inventory.tensors),
+            called=tuple(c in called for c in order),
+            tensor_lr=self._learning_rates(),
         )
         self._diagnosis = Diagnosis(layout, self._publish)
-        self._writer.block_listeners.append(self._diagnosis)
+        self._writer.block_listeners.append(self._diagnose)
         tensors = self.inventory.names
         for sink in self._sinks:
             self._writer.block_listeners.append(
                 lambda block, sink=sink: sink.write_block(block, tensors, modules)
             )
 
-    def _guard_events(self, block: StatsBlock) -> None:
-        """Clip events from the scalars the guards recorded (in the writer thread)."""
+    def _learning_rates(self) -> tuple[float | None, ...]:
+        """The learning rate of the parameter group holding each watched tensor, None where no
+        group does (1.0 for all without an optimizer)."""
+        if self.optimizer is None:
+            return (1.0,) * len(self.inventory.params)
+        lr = {
+            id(p): float(group["lr"]) if isinstance(group.get("lr"), (int, float)) else 1.0
+            for group in self.optimizer.param_groups
+            for p in group["params"]
+        }
+        return tuple(lr.get(id(p)) for p in self.inventory.params)
+
+    def _diagnose(self, block: StatsBlock) -> None:
+        """Store the guards' clip events of the block and diagnose it with them (in the writer
+        thread)."""
         scalars = {name: block.scalar(name) for name in block.scalar_names}
         events = [e for guard in self._guards for e in guard.events(block.steps, scalars)]
         if events:
             self._writer.write_events(events)
+        assert self._diagnosis is not None
+        self._diagnosis(dataclasses.replace(block, events=tuple(events)))
 
     def _publish(self, findings: list[Finding]) -> None:
         """Store new or extended findings and pass them to the sinks (in the writer thread)."""

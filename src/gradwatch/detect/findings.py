@@ -18,6 +18,15 @@ FINDING_KINDS: tuple[str, ...] = (
     "attention_logit_growth",
     "logit_divergence",
     "adam_epsilon",
+    "stale_gradients",
+    "no_gradient",
+    "not_updated",
+    "probabilities_as_logits",
+    "clip_always",
+    "learning_rate",
+    "input_scale",
+    "batchnorm_small_batch",
+    "symmetric_weights",
 )
 SEVERITIES: tuple[str, ...] = ("info", "warning", "error")
 

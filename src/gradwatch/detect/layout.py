@@ -15,7 +15,10 @@ class ModelLayout:
     saturating (sigmoid/tanh-family) activation. `world_size` is the number of ranks whose
     batches the statistics describe; `tensor_dtypes` the parameters' dtypes and `module_dtypes`
     the dtype of each module's output ("" where unseen; fp16 under autocast); `tensor_ranks` the
-    number of dimensions of each parameter.
+    number of dimensions of each parameter. `called` tells which modules ran in a forward pass
+    before the first flush; `tensor_lr` is the learning rate of the optimizer's parameter group
+    that holds each tensor at the first flush (None where no group holds it; all 1.0 without an
+    optimizer, whose updates gradwatch cannot see).
     """
 
     tensors: tuple[str, ...]
@@ -30,6 +33,8 @@ class ModelLayout:
     tensor_dtypes: tuple[str, ...] = ()
     module_dtypes: tuple[str, ...] = ()
     tensor_ranks: tuple[int, ...] = ()
+    called: tuple[bool, ...] = ()
+    tensor_lr: tuple[float | None, ...] = ()
 
     def module_type(self, module: str) -> str:
         """The class name of a probed module ("" for one gradwatch does not probe)."""
@@ -79,6 +84,20 @@ class ModelLayout:
         position = {name: c for c, name in enumerate(self.modules)}
         upstream = any(position.get(m, -1) <= column for m in self.tensor_modules)
         return hidden and upstream
+
+    def weight_tensors(self) -> list[int]:
+        """Tensors of 2 or more dimensions (the weights of layers), by index."""
+        return [t for t, rank in enumerate(self.tensor_ranks) if rank >= 2]
+
+    def common_module(self, tensors: list[int]) -> str:
+        """The innermost module holding all of `tensors` ("" for the whole model)."""
+        parts = [self.tensors[t].split(".")[:-1] for t in tensors]
+        common: list[str] = []
+        for names in zip(*parts, strict=False):
+            if len(set(names)) > 1:
+                break
+            common.append(names[0])
+        return ".".join(common)
 
     def layer_columns(self) -> list[int]:
         """Module columns that own parameters, in forward order."""

@@ -5,8 +5,10 @@ backpropagated gradient is small loses it to zeros, unless the loss is scaled
 (`torch.amp.GradScaler`). The rule reads the probe steps' `grad_hist` (log10|g| per tensor, see
 `stats/histograms.py`): the share of a tensor's gradient entries that are lost, namely
 
-- exact zeros, always (under autocast the parameters and their gradients are fp32, but the
-  backward ran in fp16, so what underflowed arrives as an exact 0),
+- exact zeros, where the layer trains in fp16 (under autocast the parameters and their
+  gradients are fp32, but the backward ran in fp16, so what underflowed arrives as an exact 0).
+  Not in bf16: it has fp32's exponent range, so its exact zeros are structural (the columns of
+  inputs that are 0, as absent words in a bag of words), the same zeros fp32 would have,
 - and entries below the smallest normal of the gradient's own dtype when it is fp16 (bins up to
   10^-4.25) or bf16 (the bin below 1e-24),
 
@@ -56,8 +58,10 @@ def lost_shares(block: StatsBlock, layout: ModelLayout) -> tuple[np.ndarray, np.
         if c is not None:
             counts[:, t] = array.data[:, c]
     totals = counts.sum(axis=2)
-    lost = counts[:, :, 0].copy()
+    lost = np.zeros(counts.shape[:2])
     for t, dtype in enumerate(layout.tensor_dtypes):
+        if layout.precision(t) == "float16":
+            lost[:, t] += counts[:, t, 0]
         lost[:, t] += counts[:, t, 1 : _SUBNORMAL_BINS.get(dtype, 1)].sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
         shares = lost / totals
@@ -80,9 +84,13 @@ def underflow(block: StatsBlock, layout: ModelLayout, memory: dict[str, Any]) ->
     UNDERFLOW_FRAC or more of its gradient entries to zeros (or to subnormal numbers) for
     UNDERFLOW_PROBES probe steps in a row, while the median tensor loses at most OTHERS_FRAC.
 
+    Also, for the whole model: the median fp16 tensor loses UNDERFLOW_FRAC or more from the
+    run's first histogram step on, for UNDERFLOW_PROBES histogram steps (fp16 trained without a
+    loss scale; a run whose gradients shrink as it converges starts above it, so it is not named).
+
     A real problem: those entries carry no update, so the layer learns from a fraction of its
     gradient. Never raised for fp32 training (exact zeros there are dead units or sparse
-    inputs), nor for the zeros dead ReLU units explain.
+    inputs), nor for the zeros dead ReLU units explain, nor for bf16's exact zeros.
     """
     measured = lost_shares(block, layout)
     if measured is None:
@@ -94,6 +102,9 @@ def underflow(block: StatsBlock, layout: ModelLayout, memory: dict[str, Any]) ->
         if not np.isfinite(row).any():
             continue
         typical = float(np.median(np.where(np.isfinite(row), row, 0.0)))
+        whole = _whole_model(memory, int(step), row, typical)
+        if whole is not None:
+            return [whole]
         for t, share in enumerate(row):
             holds = bool(share >= UNDERFLOW_FRAC and typical <= OTHERS_FRAC)
             first = streak(memory, t, int(step), holds, UNDERFLOW_PROBES)
@@ -131,3 +142,36 @@ def underflow(block: StatsBlock, layout: ModelLayout, memory: dict[str, Any]) ->
             )
         )
     return findings
+
+
+def _whole_model(
+    memory: dict[str, Any], step: int, row: np.ndarray, typical: float
+) -> Finding | None:
+    """The whole-model case of `underflow`: the median fp16 tensor loses UNDERFLOW_FRAC from the
+    run's first histogram step on (see `underflow`)."""
+    fp16 = row[np.isfinite(row)]
+    memory.setdefault("first_histogram", step)
+    since_start = memory.get("whole_since_start", True) and typical >= UNDERFLOW_FRAC
+    memory["whole_since_start"] = since_start
+    first = streak(memory, "whole", step, since_start and fp16.size > 0, UNDERFLOW_PROBES)
+    if first is None:
+        return None
+    return Finding(
+        kind="underflow",
+        layer="",
+        step=first,
+        last_step=step,
+        severity="error",
+        message=(
+            f"the median fp16 tensor loses {typical:.0%} of its gradient entries to fp16 "
+            f"underflow (exact zeros, or below the smallest normal number 6.1e-5) on every "
+            f"histogram step since the run began ({UNDERFLOW_PROBES}+): the whole model's "
+            "gradients are too small for fp16, so it learns from a fraction of them. Likely "
+            "cause: fp16 training without a loss scale."
+        ),
+        evidence={"median_lost_share": typical, "precision": "float16"},
+        remedy=(
+            "scale the loss with torch.amp.GradScaler (scaler.scale(loss).backward(), "
+            "scaler.step(optimizer), scaler.update()), or train in bf16 instead of fp16"
+        ),
+    )

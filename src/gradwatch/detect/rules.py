@@ -17,8 +17,16 @@ from gradwatch.detect.findings import Finding
 from gradwatch.detect.instabilities import adam_epsilon, attention_logit_growth, logit_divergence
 from gradwatch.detect.layout import ModelLayout
 from gradwatch.detect.precision import underflow
+from gradwatch.detect.recipe import (
+    batchnorm_small_batch,
+    clip_always,
+    input_scale,
+    learning_rate,
+    probabilities_as_logits,
+)
 from gradwatch.detect.streaks import streak
 from gradwatch.detect.through_time import exploding_through_time, vanishing_through_time
+from gradwatch.detect.wiring import no_gradient, not_updated, stale_gradients, symmetric_weights
 from gradwatch.stats.buffer import StatsBlock
 
 # vanishing / exploding: log10 of (gradient scale at the first layer / at the last layer).
@@ -200,6 +208,8 @@ def nonfinite(block: StatsBlock, layout: ModelLayout, memory: Memory) -> list[Fi
     module after the last layer (in forward order) whose parameter gradients are non-finite.
 
     A real problem when NaN/Inf reach a recorded step: the optimizer was asked to apply them.
+    A parameter without a gradient (`.grad` None: `grad_none`) is not non-finite, however its
+    statistics read (NaN, "not recorded"): that is `no_gradient`.
     Steps that `torch.amp.GradScaler` skips on purpose (its loss scale overflowed) never call
     `optimizer.step()`, so gradwatch records nothing for them and raises nothing. Reported once
     per run, at the first step.
@@ -208,9 +218,10 @@ def nonfinite(block: StatsBlock, layout: ModelLayout, memory: Memory) -> list[Fi
         return []
     flags = block.module_series("act_nonfinite")
     grads = block.tensor_series("grad_norm")
+    present = block.tensor_series("grad_none") != 1
     column = {name: i for i, name in enumerate(layout.modules)}
     for r, step in enumerate(block.steps):
-        bad_tensors = np.flatnonzero(np.isnan(grads[r]) | np.isinf(grads[r]))
+        bad_tensors = np.flatnonzero(~np.isfinite(grads[r]) & present[r])
         forward = np.flatnonzero(flags[r] > 0)
         if forward.size:
             origin, direction = int(forward[0]), "forward"
@@ -496,4 +507,13 @@ RULES = (
     attention_logit_growth,
     logit_divergence,
     adam_epsilon,
+    stale_gradients,
+    no_gradient,
+    not_updated,
+    probabilities_as_logits,
+    clip_always,
+    learning_rate,
+    input_scale,
+    batchnorm_small_batch,
+    symmetric_weights,
 )

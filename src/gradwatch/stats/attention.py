@@ -37,6 +37,11 @@ and inside Hugging Face models that compute their loss), per probe step, as scal
 - `logit_lse`      the mean over positions of log Z = logsumexp_c z_c (positions whose target is
                    `ignore_index` left out).
 - `logit_lse_max`  the largest |log Z| over those positions.
+- `logit_prob_frac` the share of the loss input that already is a probability: rows of
+                   `F.cross_entropy`'s input with every entry in [0, 1] and a sum within 1e-3 of
+                   1 (a softmax applied before the loss), and entries of
+                   `F.binary_cross_entropy_with_logits`' input strictly inside (0, 1) (a sigmoid
+                   applied before it). Logits are neither: a healthy run reads 0.
 NaN when no cross-entropy ran (a regression loss, or a loss written from log_softmax and
 nll_loss, whose input no longer holds log Z).
 
@@ -67,7 +72,7 @@ from gradwatch.distributed import LOCAL, Reduction
 from gradwatch.stats.hooks import eager_unless_traced
 
 ATTENTION_STATS: tuple[str, ...] = ("attn_max_logit", "attn_entropy")
-LOGIT_SCALARS: tuple[str, ...] = ("logit_lse", "logit_lse_max")
+LOGIT_SCALARS: tuple[str, ...] = ("logit_lse", "logit_lse_max", "logit_prob_frac")
 ATTENTION = "attention"  # the name of the probe-step array
 # At most about this many scores (and weights) exist at once while a call's statistics are made.
 CHUNK = 1 << 24
@@ -92,7 +97,8 @@ class AttentionProbes:
         self.names: list[str] = []  # attention modules, in the order they were first seen
         self._max: list[Tensor] = []
         self._entropy: list[Tensor] = []  # per module [2, heads]: Σ entropy, rows
-        self._logits = torch.zeros(3, device=device)  # Σ log Z, positions, max |log Z|
+        # Σ log Z, positions, Σ probability rows or entries, rows or entries checked, max |log Z|
+        self._logits = torch.zeros(5, device=device)
         self._mode = _AttentionMode(self._record, self._record_logits)
         self._entered = False
         self.handles: list[Any] = []
@@ -151,25 +157,37 @@ class AttentionProbes:
             frame = frame.f_back
         return None
 
-    def _record_logits(self, logits: Tensor, target: Any, ignore_index: int) -> None:
-        """Add the log Z of one cross-entropy input ([N, C, ...], [C]) to the step's sums."""
-        if not torch.is_grad_enabled() or not logits.is_floating_point():
+    def _record_logits(self, logits: Tensor, target: Any, ignore_index: int | None) -> None:
+        """Add one loss input to the step's sums: the log Z of a cross-entropy input ([N, C, ...],
+        [C]; `ignore_index` given) and, for both losses, how much of it is probabilities."""
+        if not torch.is_grad_enabled() or not logits.is_floating_point() or not logits.numel():
             return
         with torch.no_grad():
-            lse = torch.logsumexp(logits.detach().float(), dim=1 if logits.dim() > 1 else 0)
+            z = logits.detach().float()
+            if ignore_index is None:  # binary cross-entropy with logits: element-wise
+                inside = ((z > 0) & (z < 1)).sum().float()
+                summary = torch.stack([inside, torch.full_like(inside, z.numel())])
+                self._logits[2:4] += summary.to(self.device)
+                return
+            dim = 1 if z.dim() > 1 else 0
+            lse = torch.logsumexp(z, dim=dim)
             kept = torch.ones_like(lse, dtype=torch.bool)
             indices = isinstance(target, Tensor) and not target.is_floating_point()
             if indices and target.shape == lse.shape:  # class indices, not probabilities
                 kept = target != ignore_index
+            in_range = ((z >= 0) & (z <= 1)).all(dim=dim)
+            distribution = in_range & ((z.sum(dim=dim) - 1).abs() <= 1e-3)
             summary = torch.stack(
                 [
                     torch.where(kept, lse, 0.0).sum(),
                     kept.sum().float(),
+                    (distribution & kept).sum().float(),
+                    kept.sum().float(),
                     torch.where(kept, lse.abs(), 0.0).max(),
                 ]
             )
-        self._logits[:2] += summary[:2].to(self.device)
-        torch.maximum(self._logits[2], summary[2].to(self.device), out=self._logits[2])
+        self._logits[:4] += summary[:4].to(self.device)
+        torch.maximum(self._logits[4], summary[4].to(self.device), out=self._logits[4])
 
     def write(self) -> tuple[list[str], Tensor | None, dict[str, Tensor]]:
         """This probe step's attention statistics ([modules, 2], None without attention) and
@@ -194,13 +212,14 @@ class AttentionProbes:
             for m, e in zip(self._max, self._entropy, strict=True):
                 m.zero_()
                 e.zero_()
-        total, positions = self.ranks.sum(self._logits[:2].clone())
-        largest_lse = self.ranks.max(self._logits[2:].clone())[0]
+        total, positions, probabilities, checked = self.ranks.sum(self._logits[:4].clone())
+        largest_lse = self.ranks.max(self._logits[4:].clone())[0]
         seen = positions > 0
-        mean_name, max_name = LOGIT_SCALARS
+        mean_name, max_name, prob_name = LOGIT_SCALARS
         scalars = {
             mean_name: torch.where(seen, total / positions.clamp_min(1), torch.nan),
             max_name: torch.where(seen, largest_lse, torch.nan),
+            prob_name: torch.where(checked > 0, probabilities / checked.clamp_min(1), torch.nan),
         }
         self._logits.zero_()
         return list(self.names), array, scalars
@@ -379,7 +398,7 @@ class _AttentionMode(TorchFunctionMode):
     def __init__(
         self,
         record: Callable[[AttentionCall], None],
-        record_logits: Callable[[Tensor, Any, int], None],
+        record_logits: Callable[[Tensor, Any, int | None], None],
     ) -> None:
         super().__init__()
         self._record = record
@@ -408,11 +427,19 @@ class _AttentionMode(TorchFunctionMode):
         elif name == "cross_entropy" and args and isinstance(args[0], Tensor):
             target = kwargs.get("target", args[1] if len(args) > 1 else None)
             self._record_logits(args[0], target, kwargs.get("ignore_index", -100))
+        elif name == "binary_cross_entropy_with_logits" and args and isinstance(args[0], Tensor):
+            self._record_logits(args[0], None, None)
         return output
 
 
 _SEEN = frozenset(
-    ("softmax", "scaled_dot_product_attention", "multi_head_attention_forward", "cross_entropy")
+    (
+        "softmax",
+        "scaled_dot_product_attention",
+        "multi_head_attention_forward",
+        "cross_entropy",
+        "binary_cross_entropy_with_logits",
+    )
 )
 
 

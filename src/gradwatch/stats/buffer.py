@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -148,6 +149,7 @@ class StatsBlock:
 
     `tensor_data` is [steps, tensors, len(tensor_stats)], `module_data` [steps, modules,
     len(module_stats)] and `scalar_data` [steps, len(scalar_names)]; NaN marks "not recorded".
+    `events` are the guards' actions in these steps (`guards.base.Event`), for the detectors.
     """
 
     steps: np.ndarray
@@ -158,6 +160,7 @@ class StatsBlock:
     scalar_names: tuple[str, ...]
     scalar_data: np.ndarray
     arrays: dict[str, ProbeArray] = field(default_factory=dict)
+    events: tuple[Any, ...] = ()
 
     def tensor_series(self, name: str) -> np.ndarray:
         """[steps, tensors] values of one per-tensor statistic."""

@@ -25,6 +25,10 @@ channel axis for outputs of 4 or more dimensions):
                    probe steps and stored as an array, not in the statistics row.
 - `nonfinite_rank` the lowest rank whose output held NaN/±Inf (0 in a single process); NaN when
                    no rank's did. With `act_nonfinite`.
+- `norm_values`    for BatchNorm layers in training mode, the number of values each channel's
+                   batch statistics were computed from (batch x spatial positions, this rank's;
+                   the fewest over the step's calls); NaN for other modules. Probe steps; read
+                   from the input's shape on the host, so it costs no pass and no sync.
 - `time_first_to_last`, `time_decay`, `time_reach`  recurrent modules only, probe steps: how far
                    back in time the gradient reaches, see `through_time.py`.
 
@@ -62,6 +66,7 @@ MODULE_STATS: tuple[str, ...] = (
     "saturated_frac",
     "act_nonfinite",
     "nonfinite_rank",
+    "norm_values",
     *TIME_STATS,
 )
 (
@@ -72,6 +77,7 @@ MODULE_STATS: tuple[str, ...] = (
     SATURATED_FRAC,
     ACT_NONFINITE,
     NONFINITE_RANK,
+    NORM_VALUES,
 ) = range(len(MODULE_STATS) - len(TIME_STATS))
 # The summable moments of one output (see `activation_moments`).
 _N, _SUM, _SUM_MEAN_SQ, _SPREAD, _SATURATED = range(5)
@@ -210,6 +216,7 @@ class ModuleProbes:
         self._signal = torch.zeros(width, 2, device=device)  # Σ‖∂L/∂y‖², backward passes
         self._fired: dict[int, Tensor] = {}  # per unit: in how many forward calls it fired
         self._output_dtypes: dict[int, str] = {}  # as first seen on a probe step
+        self._norm_values: dict[int, int] = {}  # BatchNorm columns -> values per channel
         self._act_hist = torch.zeros(width, bins("act_hist"), dtype=wide, device=device)
         self._signal_hooks = [self._signal_hook(c) for c in range(width)]
         self._unsupported: set[int] = set()
@@ -265,6 +272,8 @@ class ModuleProbes:
             self._sums.select(0, column).add_(total)
             self._calls.select(0, column).add_(1)
             if mode == 2:
+                if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
+                    self._count_norm_values(column, args)
                 if column not in self._output_dtypes:
                     self._output_dtypes[column] = str(y.dtype).removeprefix("torch.")
                 moments = activation_moments(y, bounds).to(self._moments)
@@ -281,6 +290,12 @@ class ModuleProbes:
                     y.register_hook(self._signal_hooks[column])
 
         return hook
+
+    def _count_norm_values(self, column: int, args: Any) -> None:
+        x = args[0] if args and isinstance(args[0], Tensor) else None
+        if x is not None and x.dim() >= 2 and x.shape[1] > 0:
+            values = x.numel() // x.shape[1]
+            self._norm_values[column] = min(values, self._norm_values.get(column, values))
 
     def _signal_hook(self, column: int) -> Callable[[Tensor], None]:
         def record(grad: Tensor) -> None:
@@ -330,6 +345,9 @@ class ModuleProbes:
             dim=1,
         )
         row[:, SIGNAL_NORM : SATURATED_FRAC + 1] = values.to(row)
+        for column, count in self._norm_values.items():
+            row[column, NORM_VALUES].fill_(float(count))  # a host number: no copy, no sync
+        self._norm_values.clear()
         return torch.where((n > 0)[:, None], histograms, torch.nan)
 
     def _dead_fractions(self, columns: tuple[int, ...], fired: Tensor) -> Tensor:
@@ -349,6 +367,7 @@ class ModuleProbes:
         self._sums.zero_()
         self._calls.zero_()
         if probe:
+            self._norm_values.clear()
             self._moments.zero_()
             self._signal.zero_()
             self._act_hist.zero_()

@@ -23,6 +23,16 @@ step. The rest wait for probe steps (each further pass costs about 3% of an MLP 
                    `gw.watch(..., per_example=True)` only.
 - `adam_eps_frac`  share of entries where Adam's ε dominates its denominator
                    (`optimizer_state.py`); probe steps, Adam-family optimizers only.
+- `grad_none`      1 where `.grad` was None when the step's statistics were read, 0 where it was a
+                   tensor; every recorded step. Known on the host (no pass, no sync): an absent
+                   gradient is not a non-finite one, and its grad statistics stay NaN.
+- `stale_norm`     ‖the part of the step's gradient that was already in `.grad` before the step's
+                   first backward‖ (`stale.py`): 0 when the gradients were zeroed (or set to None)
+                   since the last step; probe steps, one tensor hook per parameter.
+- `row_spread`     ‖W − mean_rows(W)‖₂ / ‖W‖₂ over the rows of a weight (axis 0: the units it
+                   feeds; the other axes flattened): 0 when every unit has the same weights, as
+                   after a constant init. Probe steps, tensors of 2+ dimensions with 2+ rows (NaN
+                   for others, and under FSDP2, which shards the rows); one pass and a mean.
 
 Under FSDP2 every pass runs on this rank's shard (`local_tensor`), and a buffer row holds the
 shard's partials until the flush combines them (`combine_shards`): norms as themselves, maxima,
@@ -50,6 +60,9 @@ TENSOR_STATS: tuple[str, ...] = (
     "pe_norm_p95",
     "pe_norm_max",
     "adam_eps_frac",
+    "grad_none",
+    "stale_norm",
+    "row_spread",
 )
 (
     GRAD_NORM,
@@ -61,6 +74,9 @@ TENSOR_STATS: tuple[str, ...] = (
     PE_NORM_P95,
     PE_NORM_MAX,
     ADAM_EPS_FRAC,
+    GRAD_NONE,
+    STALE_NORM,
+    ROW_SPREAD,
 ) = range(len(TENSOR_STATS))
 
 
@@ -92,6 +108,21 @@ def nonfinite_counts(tensors: list[Tensor]) -> Tensor:
     return torch.stack(torch._foreach_norm(torch._foreach_mul(tensors, 0.0), 0)).float()
 
 
+def row_spreads(tensors: list[Tensor]) -> Tensor:
+    """‖W − mean_rows(W)‖ / ‖W‖ of each tensor (rows along axis 0, other axes flattened); NaN
+    for tensors with fewer than 2 dimensions or rows, and for all-zero ones."""
+    spreads = []
+    for t in tensors:
+        if t.dim() < 2 or t.shape[0] < 2:
+            spreads.append(t.new_full((), torch.nan, dtype=torch.float32))
+            continue
+        rows = t.detach().flatten(1).float()
+        norm = torch.linalg.vector_norm(rows)
+        spread = torch.linalg.vector_norm(rows - rows.mean(dim=0))
+        spreads.append(torch.where(norm > 0, spread / norm, torch.nan))
+    return torch.stack(spreads)
+
+
 @dataclass(frozen=True)
 class PresentGroup:
     """Watched parameters of one (device, dtype) group that have a gradient at this step."""
@@ -114,6 +145,7 @@ class GradStatistics:
         self.inventory = inventory
         self.sharded = sharded
         self._index_cache: dict[tuple[torch.device, tuple[int, ...]], Tensor] = {}
+        self._absent: dict[tuple[int, ...], tuple[int, ...]] = {}
 
     def present(self) -> list[PresentGroup]:
         """The watched parameters that have a gradient now, per (device, dtype) group."""
@@ -151,14 +183,31 @@ class GradStatistics:
             if probe:
                 columns += [max_abs(group.grads), nonfinite_counts(group.grads)]
             values = torch.stack(columns, dim=1).to(row.device, non_blocking=True)
-            row[:, GRAD_NORM : GRAD_NORM + len(columns)].index_copy_(
-                0, self._index(group.index, row.device), values
-            )
+            index = self._index(group.index, row.device)
+            row[:, GRAD_NORM : GRAD_NORM + len(columns)].index_copy_(0, index, values)
+            if probe and not self.sharded:
+                spreads = row_spreads(self._params(group.params)).to(row.device)
+                row[:, ROW_SPREAD].index_copy_(0, index, spreads)
+        if row is not None:
+            self._mark_absent(present, row)
         if not partials:
             return torch.zeros((), device=device)
         return (
             partials[0] if len(partials) == 1 else torch.linalg.vector_norm(torch.stack(partials))
         )
+
+    def _mark_absent(self, present: list[PresentGroup], row: Tensor) -> None:
+        """`grad_none`: 0 for the tensors with a gradient, 1 for the others (from the host's
+        view of `.grad`, so no pass over data and no sync)."""
+        row[:, GRAD_NONE].zero_()
+        have = tuple(i for group in present for i in group.index)
+        absent = self._absent.get(have)
+        if absent is None:  # the same parameters lack a gradient step after step: cache
+            kept = set(have)
+            absent = tuple(i for i in range(len(self.inventory.tensors)) if i not in kept)
+            self._absent = {have: absent}
+        if absent:
+            row[:, GRAD_NONE].index_fill_(0, self._index(absent, row.device), 1.0)
 
     def histograms(self, present: list[PresentGroup], device: torch.device) -> Tensor:
         """`grad_hist` counts [tensors, bins] on `device` (see `histograms.py`), float64; NaN rows

@@ -8,9 +8,12 @@ rate: the layer stops learning although its gradient is not zero (Wortsman et al
 the gradient RMS of large models falls to ε; remedy: a smaller ε).
 
 - `adam_eps_frac`  per tensor, the share of entries whose √v̂ < `EPS_FACTOR`·ε (with AMSGrad, of
-                   the running maximum of v̂ that it divides by). Probe steps, read in the step
-                   post-hook from the optimizer's state (this step's v): one comparison and one
-                   sum over v per tensor. NaN for tensors without Adam-family state.
+                   the running maximum of v̂ that it divides by), among all its entries, counting
+                   only entries that ever had a gradient (v > 0): an entry whose gradient has
+                   always been exactly 0 (a unit a ReLU keeps dead, a pixel blank in every image,
+                   a word not seen yet) takes no update whatever ε is, so ε does not dominate
+                   it. Probe steps, read in the step post-hook from the optimizer's state
+                   (this step's v): one comparison and one sum over v per tensor. NaN for tensors without Adam-family state.
 
 Under FSDP2 each rank counts its shard and divides by the whole tensor's size; the flush sums the
 shards. No host sync: a step counter on the device stays there.
@@ -62,12 +65,13 @@ class AdamEpsilon:
 def _share_below(
     second: Tensor, step: Tensor | float, eps: float, beta2: float, param: Tensor
 ) -> Tensor:
-    """Share of entries with √(v / (1 − β₂^t)) < EPS_FACTOR·ε, i.e. with
-    v < (EPS_FACTOR·ε)²·(1 − β₂^t). A step counter on the host (the default) makes the threshold
+    """Share of entries with 0 < √(v / (1 − β₂^t)) < EPS_FACTOR·ε, i.e. with
+    0 < v < (EPS_FACTOR·ε)²·(1 − β₂^t). A step counter on the host (the default) makes the threshold
     a Python number, passed to the comparison as it is (no copy to the device)."""
     v = local_tensor(second.detach())
     if isinstance(step, Tensor) and step.device.type != "cpu":  # capturable / fused: stay there
         correction: Tensor | float = 1 - beta2 ** step.to(v.device, torch.float64)
     else:
         correction = 1 - beta2 ** float(step)
-    return (v < (EPS_FACTOR * eps) ** 2 * correction).sum().float() / param.numel()
+    below = (v < (EPS_FACTOR * eps) ** 2 * correction) & (v > 0)
+    return below.sum().float() / param.numel()

@@ -1,0 +1,358 @@
+"""Detectors of training code wired wrong: gradients never cleared, parameters the loss never
+reaches, parameters the optimizer never moves, units that start identical and stay so.
+
+Each reads per-tensor statistics (`stats/grads.py`): `grad_none`, `grad_norm`, `stale_norm`,
+`update_ratio`, `param_norm`, `row_spread`. Each condition is exact, not a matter of degree: a
+healthy loop has 0 carried-over gradient, some gradient in every trainable tensor, a non-zero
+update wherever there is a gradient and a learning rate, and distinct units after random init.
+So the thresholds below only absorb rounding, and the streaks absorb one odd step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from gradwatch.detect.findings import Finding
+from gradwatch.detect.layout import ModelLayout
+from gradwatch.detect.streaks import streak
+from gradwatch.stats.buffer import StatsBlock
+
+# stale_gradients: a tensor's carried-over gradient is at least this share of its step gradient ...
+STALE_SHARE = 0.5
+# ... on this many probe steps in a row (a missing zero_grad reads ~(t−1)/t at step t).
+STALE_PROBES = 2
+# no_gradient: recorded steps without any non-zero gradient in a tensor before it is named (an
+# auxiliary head used on some steps only gets one within them).
+NO_GRADIENT_STEPS = 50
+# not_updated / symmetric_weights: probe steps in a row.
+PERSISTENT_PROBES = 3
+# symmetric_weights: ‖W − mean row‖ / ‖W‖ at or below this (float32 rounding of equal rows).
+SYMMETRIC_SPREAD = 1e-6
+
+Memory = dict[str, Any]
+
+
+def _listed(layout: ModelLayout, tensors: list[int], limit: int = 5) -> str:
+    shown = ", ".join(repr(layout.tensors[t]) for t in tensors[:limit])
+    return shown + (f" and {len(tensors) - limit} more" if len(tensors) > limit else "")
+
+
+def _probe_rows(block: StatsBlock) -> np.ndarray:
+    """Rows of the block's probe steps (those with a non-finite count recorded)."""
+    return np.flatnonzero(np.isfinite(block.tensor_series("grad_nonfinite")).any(axis=1))
+
+
+def _skipped_steps(block: StatsBlock) -> set[int]:
+    return {e.step for e in block.events if e.kind in ("skip", "rollback")}
+
+
+def stale_gradients(block: StatsBlock, layout: ModelLayout, memory: Memory) -> list[Finding]:
+    """Gradients carried over from earlier optimizer steps: at STALE_PROBES probe steps in a row,
+    STALE_SHARE or more of a tensor's gradient was already in `.grad` before the step's first
+    backward (`stale_norm`, see `stats/stale.py`).
+
+    A real problem: `optimizer.zero_grad()` is missing (or clears only part of the model), so
+    every update follows the sum of all past gradients. Silent for gradient accumulation (the
+    gradient is cleared once per optimizer step, then summed over micro-batches), for
+    `zero_grad(set_to_none=False)`, and for a GAN whose generator backward also reaches the
+    discriminator before the discriminator clears its gradients. Tensors in none of the
+    optimizer's groups are left out: `optimizer.zero_grad()` does not clear them, but the
+    optimizer does not apply them either (that is `not_updated`).
+    """
+    if "stale_norm" not in block.tensor_stats:
+        return []
+    stale, norms = block.tensor_series("stale_norm"), block.tensor_series("grad_norm")
+    outside = {t for t, lr in enumerate(layout.tensor_lr) if lr is None}
+    found: dict[int, tuple[int, float]] = {}
+    for r in _probe_rows(block):
+        step = int(block.steps[r])
+        with np.errstate(divide="ignore", invalid="ignore"):
+            shares = stale[r] / norms[r]
+        for t, share in enumerate(shares):
+            if not np.isfinite(share) or norms[r, t] == 0 or t in outside:
+                continue
+            first = streak(memory, t, step, bool(share >= STALE_SHARE), STALE_PROBES)
+            if first is not None:
+                found[t] = (first, float(share))
+    if not found:
+        return []
+    tensors = sorted(found)
+    share = float(np.median([s for _, s in found.values()]))
+    return [
+        Finding(
+            kind="stale_gradients",
+            layer=layout.common_module(tensors),
+            step=min(first for first, _ in found.values()),
+            last_step=int(block.steps[-1]),
+            severity="error",
+            message=(
+                f"{share:.0%} (median) of the gradient of {len(tensors)} tensors "
+                f"({_listed(layout, tensors)}) was already in .grad before the step's backward, "
+                f"on {STALE_PROBES}+ probe steps in a row: the gradients of earlier steps are "
+                "never cleared, so each update follows the running sum of all past gradients "
+                "instead of this batch's. Likely cause: optimizer.zero_grad() is missing, or "
+                "clears another model or only part of this one."
+            ),
+            evidence={
+                "stale_share": share,
+                "tensors": [layout.tensors[t] for t in tensors[:20]],
+            },
+            remedy=(
+                "call optimizer.zero_grad() once per optimizer step, before loss.backward() (or "
+                "right after optimizer.step()); with gradient accumulation, clear after the step "
+                "that ends each accumulation"
+            ),
+        )
+    ]
+
+
+def no_gradient(block: StatsBlock, layout: ModelLayout, memory: Memory) -> list[Finding]:
+    """Trainable, watched tensors that have had no non-zero gradient (`.grad` None or exactly 0)
+    in any of the run's first NO_GRADIENT_STEPS or more recorded steps.
+
+    A real problem: the loss does not reach them, so they never learn. Named by cause: modules
+    that never ran in a forward pass, and modules that ran but whose output is cut from the loss
+    (`.detach()`, `.data`, `torch.no_grad()`, an output not used); or, when no tensor of the
+    model has a gradient at `optimizer.step()`, the step itself. A tensor that gets a gradient on
+    some steps only (an auxiliary head) is not named; frozen parameters are not watched.
+    """
+    got: set[int] = memory.setdefault("got", set())
+    norms, none = block.tensor_series("grad_norm"), block.tensor_series("grad_none")
+    received = (norms != 0) & (none != 1) & ~np.isnan(norms)  # NaN/Inf gradients are gradients
+    got.update(np.flatnonzero(received.any(axis=0)).tolist())
+    memory["steps"] = memory.get("steps", 0) + len(block.steps)
+    missing = [t for t in range(len(layout.tensors)) if t not in got]
+    if memory["steps"] < NO_GRADIENT_STEPS or not missing:
+        return []
+    first, last = int(memory.setdefault("first", int(block.steps[0]))), int(block.steps[-1])
+    if not got:
+        return [
+            Finding(
+                kind="no_gradient",
+                layer="",
+                step=first,
+                last_step=last,
+                severity="error",
+                message=(
+                    f"no watched parameter had a non-zero gradient when optimizer.step() ran, in "
+                    f"{memory['steps']} recorded steps: every update applies nothing (or only "
+                    "weight decay and momentum). Likely cause: optimizer.zero_grad() between "
+                    "loss.backward() and optimizer.step(), a loss computed under torch.no_grad() "
+                    "or from detached outputs, or backward() never called."
+                ),
+                evidence={"recorded_steps": memory["steps"], "tensors": len(layout.tensors)},
+                remedy=(
+                    "order each step as zero_grad(), forward, loss.backward(), optimizer.step(); "
+                    "check that the loss has a grad_fn (loss.requires_grad is True)"
+                ),
+            )
+        ]
+    position = {name: c for c, name in enumerate(layout.modules)}
+    never_called = [
+        t for t in missing if not _called(layout, position.get(layout.tensor_modules[t]))
+    ]
+    cut = [t for t in missing if t not in never_called]
+    findings = []
+    for tensors, called in ((cut, True), (never_called, False)):
+        if tensors:
+            findings.append(_no_gradient_finding(layout, tensors, called, first, last, memory))
+    return findings
+
+
+def _called(layout: ModelLayout, column: int | None) -> bool:
+    """Whether the module at `column` ran in a forward pass (unknown modules count as called)."""
+    return column is None or not layout.called or layout.called[column]
+
+
+def _no_gradient_finding(
+    layout: ModelLayout, tensors: list[int], called: bool, first: int, last: int, memory: Memory
+) -> Finding:
+    position = {name: c for c, name in enumerate(layout.modules)}
+    modules = sorted({layout.tensor_modules[t] for t in tensors}, key=lambda m: position.get(m, -1))
+    if called:
+        where = (
+            f"their modules run in the forward pass, but the loss does not depend on them: the "
+            f"graph is cut at or after the output of {modules[-1]!r} (the last of them in "
+            "forward order)"
+        )
+        cause = (
+            "a .detach() or .data on an activation, part of the forward under torch.no_grad(), "
+            "or an output that never reaches the loss"
+        )
+        remedy = (
+            f"remove the .detach()/.data/torch.no_grad() between {modules[-1]!r} and the loss, "
+            "or use its output in the loss; if these parameters are meant to stay fixed, freeze "
+            "them with requires_grad_(False)"
+        )
+    else:
+        where = "their modules never ran in a forward pass"
+        cause = "layers defined in __init__ but not called in forward(), or a branch never taken"
+        remedy = (
+            "call these modules in forward() or delete them; if they are kept on purpose, freeze "
+            "them with requires_grad_(False) (DDP needs find_unused_parameters=True otherwise)"
+        )
+    return Finding(
+        kind="no_gradient",
+        layer=layout.common_module(tensors) or modules[-1],
+        step=first,
+        last_step=last,
+        severity="error" if called else "warning",
+        message=(
+            f"{len(tensors)} trainable tensors ({_listed(layout, tensors)}) had no gradient "
+            f"(.grad None or exactly 0) in {memory['steps']} recorded steps while the rest of "
+            f"the model had one: {where}. They never learn. Likely cause: {cause}."
+        ),
+        evidence={
+            "tensors": [layout.tensors[t] for t in tensors[:20]],
+            "modules": modules[:20],
+            "called_in_forward": called,
+            "recorded_steps": memory["steps"],
+        },
+        remedy=remedy,
+    )
+
+
+def not_updated(block: StatsBlock, layout: ModelLayout, memory: Memory) -> list[Finding]:
+    """Tensors with a non-zero gradient that the optimizer leaves exactly unchanged
+    (`update_ratio` 0) on PERSISTENT_PROBES probe steps in a row.
+
+    A real problem: the gradient is computed and thrown away. Named by cause, from the optimizer's
+    parameter groups at the first flush: not in any group (a module replaced or added after the
+    optimizer was built, an optimizer built from the frozen part), or a learning rate of 0.
+    Steps a guard skipped are not counted; tensors without a gradient are `no_gradient`'s.
+    """
+    if "update_ratio" not in block.tensor_stats:
+        return []
+    ratios, norms = block.tensor_series("update_ratio"), block.tensor_series("grad_norm")
+    skipped = _skipped_steps(block)
+    found: dict[int, int] = {}
+    for r in _probe_rows(block):
+        step = int(block.steps[r])
+        if step in skipped:
+            continue
+        for t in range(len(layout.tensors)):
+            if not (np.isfinite(ratios[r, t]) and np.isfinite(norms[r, t]) and norms[r, t] > 0):
+                continue
+            first = streak(memory, t, step, bool(ratios[r, t] == 0), PERSISTENT_PROBES)
+            if first is not None:
+                found[t] = first
+    if not found:
+        return []
+    lrs = layout.tensor_lr or (1.0,) * len(layout.tensors)
+    outside = sorted(t for t in found if lrs[t] is None)
+    zero_lr = sorted(t for t in found if lrs[t] == 0)
+    other = sorted(t for t in found if t not in outside and t not in zero_lr)
+    findings = []
+    for tensors, cause, remedy in (
+        (outside, _outside_cause(layout, outside), _OUTSIDE_REMEDY),
+        (zero_lr, "their parameter group's learning rate is 0", _ZERO_LR_REMEDY),
+        (
+            other,
+            "they are in the optimizer with a non-zero learning rate, yet the update is undone "
+            "or never applied (a scheduler that set the lr to 0 later, weights restored after "
+            "each step)",
+            _ZERO_LR_REMEDY,
+        ),
+    ):
+        if tensors:
+            findings.append(
+                Finding(
+                    kind="not_updated",
+                    layer=layout.common_module(tensors),
+                    step=min(found[t] for t in tensors),
+                    last_step=int(block.steps[-1]),
+                    severity="error",
+                    message=(
+                        f"{len(tensors)} tensors ({_listed(layout, tensors)}) get non-zero "
+                        "gradients, but the optimizer leaves them exactly unchanged (update "
+                        f"ratio 0) for {PERSISTENT_PROBES}+ probe steps in a row: they do not "
+                        f"learn. Likely cause: {cause}."
+                    ),
+                    evidence={
+                        "tensors": [layout.tensors[t] for t in tensors[:20]],
+                        "in_optimizer": bool(tensors[0] not in outside),
+                    },
+                    remedy=remedy,
+                )
+            )
+    return findings
+
+
+def _outside_cause(layout: ModelLayout, outside: list[int]) -> str:
+    lrs = layout.tensor_lr or ()
+    if lrs and all(lr is None for lr in lrs):
+        return (
+            "the optimizer holds none of the model's trainable parameters: it was built from "
+            "frozen ones (requires_grad=False), from another model, or before the model's "
+            "parameters were replaced"
+        )
+    return (
+        "they are in none of the optimizer's parameter groups: a module replaced or added after "
+        "the optimizer was built, or an optimizer built from part of the model"
+    )
+
+
+_OUTSIDE_REMEDY = (
+    "build the optimizer after the model is final, from the parameters meant to train "
+    "(torch.optim.AdamW(model.parameters()) or [p for p in model.parameters() if "
+    "p.requires_grad]); if these are meant to stay fixed, freeze them with requires_grad_(False), "
+    "which also saves their backward"
+)
+_ZERO_LR_REMEDY = (
+    "give their parameter group a non-zero learning rate (check the scheduler's factor at these "
+    "steps); if they are meant to stay fixed, freeze them with requires_grad_(False)"
+)
+
+
+def symmetric_weights(block: StatsBlock, layout: ModelLayout, memory: Memory) -> list[Finding]:
+    """A weight whose rows (the units of its layer) are identical (`row_spread` at most
+    SYMMETRIC_SPREAD, the weight non-zero) on PERSISTENT_PROBES probe steps in a row.
+
+    A real problem: identical units compute the same output and receive the same gradient, so
+    they stay identical and the layer acts as one unit. A constant init does it. A zero-initialised
+    output head is not named: its rows get different gradients and differ after one step.
+    """
+    if "row_spread" not in block.tensor_stats:
+        return []
+    spreads, params = block.tensor_series("row_spread"), block.tensor_series("param_norm")
+    found: dict[str, dict[int, tuple[int, float]]] = {}
+    for r in _probe_rows(block):
+        step = int(block.steps[r])
+        for t in layout.weight_tensors():
+            spread = spreads[r, t]
+            if not np.isfinite(spread):
+                continue
+            holds = bool(spread <= SYMMETRIC_SPREAD and params[r, t] > 0)
+            first = streak(memory, t, step, holds, PERSISTENT_PROBES)
+            if first is not None:
+                found.setdefault(layout.tensor_modules[t], {})[t] = (first, float(spread))
+    findings = []
+    for module, tensors in found.items():
+        names = [layout.tensors[t] for t in sorted(tensors)]
+        rows = ", ".join(repr(n) for n in names)
+        findings.append(
+            Finding(
+                kind="symmetric_weights",
+                layer=module,
+                step=min(first for first, _ in tensors.values()),
+                last_step=int(block.steps[-1]),
+                severity="error",
+                message=(
+                    f"every unit of {module!r} has the same weights ({rows}: rows equal to "
+                    f"within {max(s for _, s in tensors.values()):.1e} of the weight's norm) for "
+                    f"{PERSISTENT_PROBES}+ probe steps in a row: identical units get identical "
+                    "gradients, so they never differentiate and the layer works as a single "
+                    "unit. Likely cause: a constant initialisation (nn.init.constant_, ones_, "
+                    "zeros_ or fill_) of this layer."
+                ),
+                evidence={"tensors": names, "row_spread": max(s for _, s in tensors.values())},
+                remedy=(
+                    f"initialise {module!r} randomly: keep PyTorch's default init, or use "
+                    "nn.init.kaiming_uniform_/xavier_uniform_ (zeros are fine for biases and "
+                    "for the output head only)"
+                ),
+            )
+        )
+    return findings
