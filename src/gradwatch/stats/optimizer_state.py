@@ -13,7 +13,8 @@ the gradient RMS of large models falls to ε; remedy: a smaller ε).
                    always been exactly 0 (a unit a ReLU keeps dead, a pixel blank in every image,
                    a word not seen yet) takes no update whatever ε is, so ε does not dominate
                    it. Probe steps, read in the step post-hook from the optimizer's state
-                   (this step's v): one comparison and one sum over v per tensor. NaN for tensors without Adam-family state.
+                   (this step's v): one comparison and one sum over v per tensor. NaN for
+                   tensors without Adam-family state.
 
 Under FSDP2 each rank counts its shard and divides by the whole tensor's size; the flush sums the
 shards. No host sync: a step counter on the device stays there.
