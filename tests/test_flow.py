@@ -57,6 +57,7 @@ def reference(model: Reordered, x: torch.Tensor, y: torch.Tensor) -> dict[str, d
             "saturated_frac": sat,
             "act_nonfinite": 0.0,
             "nonfinite_rank": np.nan,  # no output held NaN/Inf
+            "norm_values": np.nan,  # no BatchNorm
             **dict.fromkeys(TIME_STATS, np.nan),  # no recurrent module
         }
     return ref

@@ -372,3 +372,162 @@ def test_sparse_relu_head(tmp_path):
     assert (outputs > 0).float().mean() < 0.2  # sparse indeed
     assert np.nanmax(run.series("dead_frac")[:, run.modules.index("1")]) < 0.5
     assert findings == []
+
+
+# ---- healthy recipes that tempt the findings of training-code bugs -------------------------------
+def classify(model, optimizer, generator, loss_fn=nn.functional.cross_entropy, batch=32):
+    """A step function: a learnable batch, `loss_fn`, a plain update."""
+
+    def step(i):
+        x, y = learnable_batch(batch, 16, 4, generator)
+        loss = loss_fn(model(x), y)
+        update(optimizer, loss)
+        return loss
+
+    return step
+
+
+def test_gan_whose_generator_backward_reaches_the_discriminator(tmp_path):
+    """Tempts stale_gradients: the generator's backward adds into the discriminator's .grad
+    after the discriminator's step; the discriminator clears it before its own backward."""
+    torch.manual_seed(0)
+    generator_net = nn.Sequential(nn.Linear(4, 32), nn.ReLU(), nn.Linear(32, 8))
+    critic = nn.Sequential(nn.Linear(8, 32), nn.LeakyReLU(0.2), nn.Linear(32, 1))
+    g_opt = torch.optim.Adam(generator_net.parameters(), lr=2e-4, betas=(0.5, 0.999))
+    d_opt = torch.optim.Adam(critic.parameters(), lr=2e-4, betas=(0.5, 0.999))
+    data = torch.Generator().manual_seed(1)
+    bce = nn.functional.binary_cross_entropy_with_logits
+
+    def step(i):
+        real = torch.randn(32, 8, generator=data) * 0.5 + 1
+        fake = generator_net(torch.randn(32, 4, generator=data))
+        d_opt.zero_grad()
+        d_loss = bce(critic(real), torch.ones(32, 1)) + bce(
+            critic(fake.detach()), torch.zeros(32, 1)
+        )
+        d_loss.backward()
+        d_opt.step()
+        g_opt.zero_grad()
+        bce(critic(fake), torch.ones(32, 1)).backward()  # also fills the critic's .grad
+        g_opt.step()
+        return d_loss
+
+    assert watch_training(critic, d_opt, tmp_path, step) == []
+
+
+def test_label_smoothing_and_a_sigmoid_output_under_bce(tmp_path):
+    """Tempts probabilities_as_logits: smoothed targets, and a sigmoid output trained with
+    binary_cross_entropy (which expects probabilities)."""
+    torch.manual_seed(0)
+    model = mlp()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    generator = torch.Generator().manual_seed(1)
+
+    def smoothed(logits, y):
+        return nn.functional.cross_entropy(logits, y, label_smoothing=0.1)
+
+    assert (
+        watch_training(
+            model, optimizer, tmp_path / "a", classify(model, optimizer, generator, smoothed)
+        )
+        == []
+    )
+    torch.manual_seed(0)
+    model = nn.Sequential(mlp(), nn.Linear(4, 1), nn.Sigmoid())
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def bce(p, y):
+        return nn.functional.binary_cross_entropy(p.squeeze(1), (y % 2).float())
+
+    assert (
+        watch_training(model, optimizer, tmp_path / "b", classify(model, optimizer, generator, bce))
+        == []
+    )
+
+
+@pytest.mark.parametrize(
+    "guard", [gw.guards.ZClip(), gw.guards.AutoClip(), gw.guards.ClipNorm(10.0)], ids=str
+)
+def test_clips_that_act_on_outliers_only(tmp_path, guard):
+    """Tempts clip_always: adaptive clips (ZClip, AutoClip at its 10th percentile clips about a
+    tenth of the steps) and a threshold above the usual norm that only catches spikes."""
+    torch.manual_seed(0)
+    model = mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    generator = torch.Generator().manual_seed(1)
+    step = classify(model, optimizer, generator)
+    assert watch_training(model, optimizer, tmp_path, step, steps=120, guards=[guard]) == []
+
+
+def test_warm_up_from_zero_and_cosine_to_zero(tmp_path):
+    """Tempts learning_rate: the lr starts at exactly 0 and decays to exactly 0."""
+    torch.manual_seed(0)
+    model = mlp()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    total, warmup = 120, 30
+
+    def factor(step):
+        if step < warmup:
+            return step / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / (total - warmup - 10))))
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    generator = torch.Generator().manual_seed(1)
+    plain = classify(model, optimizer, generator)
+
+    def step(i):
+        loss = plain(i)
+        schedule.step()
+        return loss
+
+    assert watch_training(model, optimizer, tmp_path, step, steps=total) == []
+    assert schedule.get_last_lr()[0] == 0.0  # it did end at 0
+
+
+def test_one_hot_inputs(tmp_path):
+    """Tempts input_scale: one-hot columns, most of them zero, at very different frequencies."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(40, 32), nn.ReLU(), nn.Linear(32, 4))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    generator = torch.Generator().manual_seed(1)
+    weights = torch.logspace(0, 3, 40)  # some categories 1000x rarer than others
+
+    def step(i):
+        category = torch.multinomial(weights, 32, replacement=True, generator=generator)
+        loss = nn.functional.cross_entropy(
+            model(nn.functional.one_hot(category, 40).float()), category % 4
+        )
+        update(optimizer, loss)
+        return loss
+
+    assert watch_training(model, optimizer, tmp_path, step) == []
+
+
+@pytest.mark.parametrize("mode", ["batch 32", "eval at batch 2"])
+def test_batchnorm_with_a_real_batch_or_in_eval(tmp_path, mode):
+    """Tempts batchnorm_small_batch: batch 32, or BatchNorm kept in eval mode (frozen
+    statistics, as detection models fine-tune) on batches of 2."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 4))
+    if mode.startswith("eval"):
+        model[0:2](torch.randn(256, 16))  # running statistics from a real batch
+        model[1].eval()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    generator = torch.Generator().manual_seed(1)
+    step = classify(model, optimizer, generator, batch=32 if mode == "batch 32" else 2)
+    assert watch_training(model, optimizer, tmp_path, step) == []
+
+
+def test_zero_initialised_output_head_and_biases(tmp_path):
+    """Tempts symmetric_weights: the head's rows start equal (all 0), as do all the biases;
+    the head's rows get different gradients and separate after one step."""
+    torch.manual_seed(0)
+    model = mlp()
+    with torch.no_grad():
+        model[-1].weight.zero_()
+        for module in model:
+            if isinstance(module, nn.Linear):
+                module.bias.zero_()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    generator = torch.Generator().manual_seed(1)
+    assert watch_training(model, optimizer, tmp_path, classify(model, optimizer, generator)) == []

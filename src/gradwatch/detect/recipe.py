@@ -39,6 +39,8 @@ CLIP_WINDOW = 50
 # ... or the global norm reaching optimizer.step() sat within this relative distance of the
 # window's median (clip_grad_norm_ before the step pins it at max_norm).
 PINNED = 1e-4
+# The guards with a fixed threshold (labels start with the class name).
+FIXED_CLIPS = ("ClipNorm", "ClipValue")
 # probabilities_as_logits: the share of the loss input that is probabilities, probe steps in a
 # row.
 PROB_SHARE = 0.99
@@ -157,14 +159,15 @@ def clip_always(block: StatsBlock, layout: ModelLayout, memory: Memory) -> list[
     seen as a global norm at `optimizer.step()` pinned within PINNED of one value.
 
     A real problem: a threshold below the typical gradient norm rescales every update, which
-    lowers the learning rate silently and throws away the norm's information. Adaptive clips that
-    act on outliers only (ZClip, AutoClip) and a threshold that only catches spikes stay silent;
-    AGC (which clips units, not the step) is not judged.
+    lowers the learning rate silently and throws away the norm's information. Only fixed
+    thresholds are judged (FIXED_CLIPS and the user's own): ZClip acts on outliers, AutoClip
+    clips above a percentile of past norms by design (most steps at its default 10th), AGC clips
+    units, not the step. A threshold that only catches spikes stays silent.
     """
     clipped_at = {
         e.step: e.detail
         for e in block.events
-        if e.kind == "clip" and "clipped_to" in getattr(e, "detail", {})
+        if e.kind == "clip" and e.guard.startswith(FIXED_CLIPS) and "clipped_to" in e.detail
     }
     norms = block.scalar("global_grad_norm")
     window: deque[tuple[int, float, bool, float]] = memory.setdefault(
@@ -221,7 +224,7 @@ def _clip_finding(
         remedy=(
             "raise the clipping threshold above the typical gradient norm (about its 90th "
             "percentile: run.series('global_grad_norm') of a run without clipping), or clip "
-            "adaptively with gw.guards.ZClip() or gw.guards.AutoClip(), which act on outliers only"
+            "adaptively with gw.guards.ZClip(), which acts on outliers only"
         ),
     )
 

@@ -28,6 +28,9 @@ STALE_PROBES = 2
 NO_GRADIENT_STEPS = 50
 # not_updated / symmetric_weights: probe steps in a row.
 PERSISTENT_PROBES = 3
+# not_updated: a gradient below this share of the step's median tensor gradient is negligible
+# (a bias before BatchNorm gets ~1e-9: its SGD update rounds away in float32, θ unchanged).
+NEGLIGIBLE_GRAD = 1e-4
 # symmetric_weights: ‖W − mean row‖ / ‖W‖ at or below this (float32 rounding of equal rows).
 SYMMETRIC_SPREAD = 1e-6
 
@@ -221,7 +224,9 @@ def not_updated(block: StatsBlock, layout: ModelLayout, memory: Memory) -> list[
     A real problem: the gradient is computed and thrown away. Named by cause, from the optimizer's
     parameter groups at the first flush: not in any group (a module replaced or added after the
     optimizer was built, an optimizer built from the frozen part), or a learning rate of 0.
-    Steps a guard skipped are not counted; tensors without a gradient are `no_gradient`'s.
+    Steps a guard skipped are not counted; tensors without a gradient are `no_gradient`'s, and
+    those whose gradient is below NEGLIGIBLE_GRAD of the step's median tensor gradient are left
+    out (their update may round away: a bias right before a BatchNorm).
     """
     if "update_ratio" not in block.tensor_stats:
         return []
@@ -230,10 +235,12 @@ def not_updated(block: StatsBlock, layout: ModelLayout, memory: Memory) -> list[
     found: dict[int, int] = {}
     for r in _probe_rows(block):
         step = int(block.steps[r])
-        if step in skipped:
+        positive = norms[r][np.isfinite(norms[r]) & (norms[r] > 0)]
+        if step in skipped or not positive.size:
             continue
+        floor = NEGLIGIBLE_GRAD * float(np.median(positive))
         for t in range(len(layout.tensors)):
-            if not (np.isfinite(ratios[r, t]) and np.isfinite(norms[r, t]) and norms[r, t] > 0):
+            if not (np.isfinite(ratios[r, t]) and np.isfinite(norms[r, t]) and norms[r, t] > floor):
                 continue
             first = streak(memory, t, step, bool(ratios[r, t] == 0), PERSISTENT_PROBES)
             if first is not None:

@@ -40,8 +40,9 @@ and inside Hugging Face models that compute their loss), per probe step, as scal
 - `logit_prob_frac` the share of the loss input that already is a probability: rows of
                    `F.cross_entropy`'s input with every entry in [0, 1] and a sum within 1e-3 of
                    1 (a softmax applied before the loss), and entries of
-                   `F.binary_cross_entropy_with_logits`' input strictly inside (0, 1) (a sigmoid
-                   applied before it). Logits are neither: a healthy run reads 0.
+                   `F.binary_cross_entropy_with_logits`' input strictly inside (0, 1) when a
+                   sigmoid made it (its autograd node, seen through reshapes: logits near 0 also
+                   fall inside). Logits are neither: a healthy run reads 0.
 NaN when no cross-entropy ran (a regression loss, or a loss written from log_softmax and
 nll_loss, whose input no longer holds log Z).
 
@@ -165,7 +166,10 @@ class AttentionProbes:
         with torch.no_grad():
             z = logits.detach().float()
             if ignore_index is None:  # binary cross-entropy with logits: element-wise
-                inside = ((z > 0) & (z < 1)).sum().float()
+                # Logits near 0 can all fall inside (0, 1) (a GAN critic at equilibrium): only
+                # a sigmoid's output counts, as its autograd node tells.
+                made = _made_by(logits, "SigmoidBackward0")
+                inside = ((z > 0) & (z < 1)).sum().float() * made
                 summary = torch.stack([inside, torch.full_like(inside, z.numel())])
                 self._logits[2:4] += summary.to(self.device)
                 return
@@ -223,6 +227,26 @@ class AttentionProbes:
         }
         self._logits.zero_()
         return list(self.names), array, scalars
+
+
+# Autograd nodes that change a tensor's shape only: looked through to find what made it.
+_SHAPE_NODES = ("View", "Reshape", "Squeeze", "Unsqueeze", "Select", "Slice", "Permute", "T")
+
+
+def _made_by(t: Tensor, node: str, hops: int = 4) -> float:
+    """1.0 if autograd node `node` made `t` (through at most `hops` shape-only nodes), else 0.0.
+    Reads the graph on the host: no data, no sync."""
+    fn = t.grad_fn
+    for _ in range(hops + 1):
+        if fn is None:
+            return 0.0
+        name = type(fn).__name__
+        if name == node:
+            return 1.0
+        if not name.removesuffix("Backward0").removesuffix("Backward1").startswith(_SHAPE_NODES):
+            return 0.0
+        fn = fn.next_functions[0][0] if fn.next_functions else None
+    return 0.0
 
 
 @dataclass(frozen=True)
