@@ -590,3 +590,53 @@ def test_bf16_bag_of_words_zeros_are_not_underflow(tmp_path):
     zeros = (reference[0].weight.grad == 0).float().mean()
     assert zeros >= UNDERFLOW_FRAC  # fp32 has the same zeros: the old rule named them
     assert findings == []
+
+
+# ---- underflow of a whole fp16 model without a loss scale ----------------------------------------
+def fp16_run(tmp_path, half: bool, loss_weight: float):
+    torch.manual_seed(0)
+    model = mlp(width=64)
+    if half:
+        model = model.half()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    generator = torch.Generator().manual_seed(1)
+
+    def step(i):
+        x, y = learnable_batch(256, 16, 4, generator)
+        if half:
+            loss = F.cross_entropy(model(x.half()).float(), y) * loss_weight
+        else:
+            with torch.autocast("cpu", dtype=torch.float16):
+                logits = model(x)
+            loss = F.cross_entropy(logits.float(), y) * loss_weight
+        optimizer.zero_grad()
+        loss.backward()  # no GradScaler
+        optimizer.step()
+        return loss
+
+    return watched(model, optimizer, tmp_path, step, steps=30, probe_every=5, histogram_every=1)
+
+
+@pytest.mark.parametrize(
+    ("half", "loss_weight"),
+    [(True, 1e-3), (False, 1e-5)],
+    ids=["fp16 parameters, loss weight 1e-3", "fp16 autocast, loss weight 1e-5"],
+)
+def test_whole_fp16_model_without_a_loss_scale(tmp_path, half, loss_weight):
+    """A small loss weight (an auxiliary loss, a mean over many outputs) makes gradients that
+    fp16 cannot hold; the rule that a tensor must lose more than the median silenced this."""
+    findings, run = fp16_run(tmp_path, half, loss_weight)
+    edges, counts = run.histogram("grad_hist")
+    normal = np.searchsorted(edges, np.log10(6.103515625e-05), side="right") - 1
+    lost = (counts[0, :, 0] + (counts[0, :, 1:normal].sum(axis=1) if half else 0)) / counts[0].sum(
+        1
+    )
+    assert np.median(lost) >= 0.5  # the histogram: most entries are 0 or below fp16's normal
+    torch.manual_seed(0)
+    reference = mlp(width=64)  # fp32, same weights and batch: nothing is lost there
+    x, y = learnable_batch(256, 16, 4, torch.Generator().manual_seed(1))
+    (F.cross_entropy(reference(x), y) * loss_weight).backward()
+    grads = torch.cat([p.grad.flatten() for p in reference.parameters()])
+    assert (grads == 0).float().mean() < 0.1
+    assert kinds(findings) == [("underflow", "")]
+    assert "GradScaler" in findings[0].remedy

@@ -85,6 +85,11 @@ class ModelLayout:
         upstream = any(position.get(m, -1) <= column for m in self.tensor_modules)
         return hidden and upstream
 
+    def updates_representable(self, tensor: int) -> bool:
+        """Whether a small update to the parameter survives rounding: False for fp16/bf16
+        parameters, whose updates below their resolution (~1e-3 of the value) round away."""
+        return not self.tensor_dtypes or self.tensor_dtypes[tensor] not in ("float16", "bfloat16")
+
     def weight_tensors(self) -> list[int]:
         """Tensors of 2 or more dimensions (the weights of layers), by index."""
         return [t for t, rank in enumerate(self.tensor_ranks) if rank >= 2]

@@ -68,17 +68,19 @@ def learning_rate(block: StatsBlock, layout: ModelLayout, memory: Memory) -> lis
     weights), or at or below
     LR_LOW on every probe step from the run's first for LR_LOW_PROBES (they never move).
 
-    Judged on weight matrices with a gradient and a non-zero learning rate only, so frozen layers,
-    parameters outside the optimizer and biases do not count. A warm-up starts from steps that
-    move the weights by more than LR_LOW unless it is far too small everywhere; a schedule
-    decayed to 0 and a converged run come after steps that moved, so "too small" never fires
-    then.
+    Judged on weight matrices with a gradient and a non-zero learning rate only, so frozen
+    layers, parameters outside the optimizer and biases do not count; nor do fp16/bf16
+    parameters, whose small updates round away whatever the learning rate. "Too small" is not
+    judged where the weights train in fp16: there the gradient is what vanishes (`underflow`). A
+    warm-up starts from steps that move the weights by more than LR_LOW unless it is far too
+    small everywhere; a schedule decayed to 0 and a converged run come after steps that moved,
+    so "too small" never fires then.
     """
     if "update_ratio" not in block.tensor_stats:
         return []
     ratios, norms = block.tensor_series("update_ratio"), block.tensor_series("grad_norm")
     lrs = layout.tensor_lr or (1.0,) * len(layout.tensors)
-    weights = [t for t in layout.weight_tensors() if lrs[t]]
+    weights = [t for t in layout.weight_tensors() if lrs[t] and layout.updates_representable(t)]
     if not weights:
         return []
     findings = []
@@ -94,7 +96,9 @@ def learning_rate(block: StatsBlock, layout: ModelLayout, memory: Memory) -> lis
         first = streak(memory, "high", step, median >= LR_HIGH, needed)
         if first is not None:
             findings.append(_lr_finding(layout, kept, ratios[r], first, step, memory, high=True))
-        memory["moved"] = memory.get("moved", False) or median > LR_LOW
+        # In fp16 tiny updates follow from gradients lost to underflow (`underflow` says so).
+        fp16 = any(layout.precision(t) == "float16" for t in kept)
+        memory["moved"] = memory.get("moved", False) or median > LR_LOW or fp16
         memory["probes"] = memory.get("probes", 0) + 1
         if not memory["moved"] and memory["probes"] >= LR_LOW_PROBES:
             start = memory["trend"][0][0]

@@ -113,7 +113,8 @@ def stale_gradients(block: StatsBlock, layout: ModelLayout, memory: Memory) -> l
 
 def no_gradient(block: StatsBlock, layout: ModelLayout, memory: Memory) -> list[Finding]:
     """Trainable, watched tensors that have had no non-zero gradient (`.grad` None or exactly 0)
-    in any of the run's first NO_GRADIENT_STEPS or more recorded steps.
+    in any of the run's first NO_GRADIENT_STEPS or more recorded steps (for tensors trained in
+    fp16, only a None `.grad` counts: an all-zero one may be underflow).
 
     A real problem: the loss does not reach them, so they never learn. Named by cause: modules
     that never ran in a forward pass, and modules that ran but whose output is cut from the loss
@@ -124,6 +125,9 @@ def no_gradient(block: StatsBlock, layout: ModelLayout, memory: Memory) -> list[
     got: set[int] = memory.setdefault("got", set())
     norms, none = block.tensor_series("grad_norm"), block.tensor_series("grad_none")
     received = (norms != 0) & (none != 1) & ~np.isnan(norms)  # NaN/Inf gradients are gradients
+    # In fp16 an all-zero gradient may be underflow (that is `underflow`'s): only None counts.
+    fp16 = [t for t in range(len(layout.tensors)) if layout.precision(t) == "float16"]
+    received[:, fp16] |= none[:, fp16] == 0
     got.update(np.flatnonzero(received.any(axis=0)).tolist())
     memory["steps"] = memory.get("steps", 0) + len(block.steps)
     missing = [t for t in range(len(layout.tensors)) if t not in got]
@@ -226,7 +230,8 @@ def not_updated(block: StatsBlock, layout: ModelLayout, memory: Memory) -> list[
     optimizer was built, an optimizer built from the frozen part), or a learning rate of 0.
     Steps a guard skipped are not counted; tensors without a gradient are `no_gradient`'s, and
     those whose gradient is below NEGLIGIBLE_GRAD of the step's median tensor gradient are left
-    out (their update may round away: a bias right before a BatchNorm).
+    out (their update may round away: a bias right before a BatchNorm), as are fp16/bf16
+    parameters (an update below their resolution rounds away: a precision problem).
     """
     if "update_ratio" not in block.tensor_stats:
         return []
@@ -241,6 +246,8 @@ def not_updated(block: StatsBlock, layout: ModelLayout, memory: Memory) -> list[
         floor = NEGLIGIBLE_GRAD * float(np.median(positive))
         for t in range(len(layout.tensors)):
             if not (np.isfinite(ratios[r, t]) and np.isfinite(norms[r, t]) and norms[r, t] > floor):
+                continue
+            if not layout.updates_representable(t):
                 continue
             first = streak(memory, t, step, bool(ratios[r, t] == 0), PERSISTENT_PROBES)
             if first is not None:
