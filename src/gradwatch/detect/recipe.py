@@ -65,8 +65,8 @@ def _probe_scalar_rows(block: StatsBlock, name: str) -> list[tuple[int, float]]:
 def learning_rate(block: StatsBlock, layout: ModelLayout, memory: Memory) -> list[Finding]:
     """The median update-to-weight ratio of the weight matrices that train is at or above
     LR_HIGH on LR_PROBES probe steps in a row, or at LR_EXTREME on one (each step rewrites the
-    weights), or at or below
-    LR_LOW on every probe step from the run's first for LR_LOW_PROBES (they never move).
+    weights), or at or below LR_LOW on every probe step from the run's first for LR_LOW_PROBES
+    (they never move).
 
     Judged on weight matrices with a gradient and a non-zero learning rate only, so frozen
     layers, parameters outside the optimizer and biases do not count; nor do fp16/bf16
