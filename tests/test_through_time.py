@@ -216,7 +216,8 @@ def test_recurrent_weights_above_one_raise_exploding_through_time(tmp_path):
 
 def test_report_draws_the_gradient_through_time_only_for_recurrent_models(tmp_path):
     torch.manual_seed(0)
-    train_first_step_task(ManyToOne("LSTM"), 30, tmp_path / "lstm", length=60)
+    # 40 steps: the finding waits for TIME_PATIENCE (4) probe steps of evidence
+    train_first_step_task(ManyToOne("LSTM"), 40, tmp_path / "lstm", length=60)
     page = gw.report(tmp_path / "lstm" / "run", tmp_path / "lstm.html").read_text()
     assert 'id="chart-through_time"><figcaption>' in page
     assert "vanishing at layer <code>rnn</code>" in page and "through time" in page
