@@ -28,6 +28,8 @@ STALE_PROBES = 2
 NO_GRADIENT_STEPS = 50
 # not_updated / symmetric_weights: probe steps in a row.
 PERSISTENT_PROBES = 3
+# no_gradient: a ReLU with this share of dead units explains all-zero gradients around it.
+DEAD_UNITS_ALL = 0.99
 # not_updated: a gradient below this share of the step's median tensor gradient is negligible
 # (a bias before BatchNorm gets ~1e-9: its SGD update rounds away in float32, θ unchanged).
 NEGLIGIBLE_GRAD = 1e-4
@@ -114,7 +116,8 @@ def stale_gradients(block: StatsBlock, layout: ModelLayout, memory: Memory) -> l
 def no_gradient(block: StatsBlock, layout: ModelLayout, memory: Memory) -> list[Finding]:
     """Trainable, watched tensors that have had no non-zero gradient (`.grad` None or exactly 0)
     in any of the run's first NO_GRADIENT_STEPS or more recorded steps (for tensors trained in
-    fp16, only a None `.grad` counts: an all-zero one may be underflow).
+    fp16, and in a run with a ReLU whose units are all dead, only a None `.grad` counts: an
+    all-zero one may be underflow or dead units, which `underflow` and `dead_units` name).
 
     A real problem: the loss does not reach them, so they never learn. Named by cause: modules
     that never ran in a forward pass, and modules that ran but whose output is cut from the loss
@@ -125,9 +128,10 @@ def no_gradient(block: StatsBlock, layout: ModelLayout, memory: Memory) -> list[
     got: set[int] = memory.setdefault("got", set())
     norms, none = block.tensor_series("grad_norm"), block.tensor_series("grad_none")
     received = (norms != 0) & (none != 1) & ~np.isnan(norms)  # NaN/Inf gradients are gradients
-    # In fp16 an all-zero gradient may be underflow (that is `underflow`'s): only None counts.
-    fp16 = [t for t in range(len(layout.tensors)) if layout.precision(t) == "float16"]
-    received[:, fp16] |= none[:, fp16] == 0
+    # An all-zero gradient is not a cut graph where fp16 underflow or dead units explain it
+    # (`underflow`'s and `dead_units`' findings): there only None counts.
+    explained = _zeros_explained(block, layout, memory)
+    received[:, explained] |= none[:, explained] == 0
     got.update(np.flatnonzero(received.any(axis=0)).tolist())
     memory["steps"] = memory.get("steps", 0) + len(block.steps)
     missing = [t for t in range(len(layout.tensors)) if t not in got]
@@ -166,6 +170,18 @@ def no_gradient(block: StatsBlock, layout: ModelLayout, memory: Memory) -> list[
         if tensors:
             findings.append(_no_gradient_finding(layout, tensors, called, first, last, memory))
     return findings
+
+
+def _zeros_explained(block: StatsBlock, layout: ModelLayout, memory: Memory) -> list[int]:
+    """Tensors whose all-zero gradients something else explains: they train in fp16, or the run
+    has had a ReLU with DEAD_UNITS_ALL of its units dead at a probe step (it passes no gradient
+    to what is upstream and feeds zeros to what is downstream)."""
+    dead = block.module_series("dead_frac")[:, [c for c, z in enumerate(layout.zeroing) if z]]
+    if dead.size and np.nanmax(np.nan_to_num(dead, nan=0.0)) >= DEAD_UNITS_ALL:
+        memory["all_dead_seen"] = True
+    if memory.get("all_dead_seen"):
+        return list(range(len(layout.tensors)))
+    return [t for t in range(len(layout.tensors)) if layout.precision(t) == "float16"]
 
 
 def _called(layout: ModelLayout, column: int | None) -> bool:
