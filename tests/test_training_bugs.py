@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from test_zoo import learnable_batch
+from test_zoo import learnable_batch, update
 from torch import nn
 
 import gradwatch as gw
@@ -36,6 +36,18 @@ def cnn(channels: int = 3, classes: int = 4) -> nn.Sequential:
 def images(batch: int, generator: torch.Generator, size: int = 8) -> tuple:
     x = torch.randn(batch, 3, size, size, generator=generator)
     return x, (x[:, 0].mean(dim=(1, 2)) > 0).long() + 2 * (x[:, 1].mean(dim=(1, 2)) > 0).long()
+
+
+def plain_step(model, optimizer, batch):
+    """A step function: `batch()`, cross-entropy, a plain update."""
+
+    def step(i):
+        x, y = batch()
+        loss = F.cross_entropy(model(x), y)
+        update(optimizer, loss)
+        return loss
+
+    return step
 
 
 def watched(model, optimizer, tmp_path, step, steps=STEPS, **options):
@@ -117,9 +129,7 @@ def test_detached_activation_cuts_the_first_layer_off(tmp_path):
         x, y = learnable_batch(32, 16, 4, generator)
         hidden = model[1](model[0](x)).detach()  # the bug
         loss = F.cross_entropy(model[4](model[3](model[2](hidden))), y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        update(optimizer, loss)
         return loss
 
     findings, run = watched(model, optimizer, tmp_path, step)
@@ -147,13 +157,7 @@ def test_a_layer_never_called_has_no_gradient_and_no_false_nonfinite(tmp_path):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     generator = torch.Generator().manual_seed(1)
 
-    def step(i):
-        x, y = images(16, generator)
-        loss = F.cross_entropy(model(x), y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        return loss
+    step = plain_step(model, optimizer, lambda: images(16, generator))
 
     findings, _ = watched(model, optimizer, tmp_path, step)
     assert model.projection.weight.grad is None  # plain torch
@@ -172,13 +176,7 @@ def test_head_replaced_after_the_optimizer_was_built(tmp_path):
     initial = model[4].weight.detach().clone()
     generator = torch.Generator().manual_seed(1)
 
-    def step(i):
-        x, y = learnable_batch(32, 16, 4, generator)
-        loss = F.cross_entropy(model(x), y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        return loss
+    step = plain_step(model, optimizer, lambda: learnable_batch(32, 16, 4, generator))
 
     with pytest.warns(UserWarning, match="not in the optimizer"):
         findings, _ = watched(model, optimizer, tmp_path, step)
@@ -197,13 +195,7 @@ def test_optimizer_built_from_the_frozen_backbone(tmp_path):
     initial = head.weight.detach().clone()
     generator = torch.Generator().manual_seed(1)
 
-    def step(i):
-        x, y = images(16, generator)
-        loss = F.cross_entropy(model(x), y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        return loss
+    step = plain_step(model, optimizer, lambda: images(16, generator))
 
     with pytest.warns(UserWarning, match="only frozen parameters"):
         findings, _ = watched(model, optimizer, tmp_path, step)  # watched, not refused
@@ -224,9 +216,7 @@ def test_softmax_before_cross_entropy(tmp_path):
         probabilities = model(x)
         assert torch.allclose(probabilities.sum(dim=1), torch.ones(32))  # plain torch
         loss = F.cross_entropy(probabilities, y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        update(optimizer, loss)
         return loss
 
     findings, _ = watched(model, optimizer, tmp_path, step)
@@ -245,9 +235,7 @@ def test_sigmoid_before_bce_with_logits_in_a_cnn(tmp_path):
         out = model(x).squeeze(1)
         assert bool(((out > 0) & (out < 1)).all())  # plain torch
         loss = F.binary_cross_entropy_with_logits(out, (y % 2).float())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        update(optimizer, loss)
         return loss
 
     findings, _ = watched(model, optimizer, tmp_path, step)
@@ -330,13 +318,7 @@ def test_learning_rate_far_too_large_for_adam(tmp_path):
     generator = torch.Generator().manual_seed(1)
     assert first_update_ratio(model, optimizer, learnable_batch(32, 16, 4, generator)) > 1
 
-    def step(i):
-        x, y = learnable_batch(32, 16, 4, generator)
-        loss = F.cross_entropy(model(x), y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        return loss
+    step = plain_step(model, optimizer, lambda: learnable_batch(32, 16, 4, generator))
 
     findings, _ = watched(model, optimizer, tmp_path, step)
     found = [f for f in findings if f.kind == "learning_rate"]
@@ -353,13 +335,7 @@ def test_learning_rate_far_too_small_for_sgd_on_a_cnn(tmp_path):
     generator = torch.Generator().manual_seed(1)
     assert first_update_ratio(model, optimizer, images(16, generator)) < 1e-6
 
-    def step(i):
-        x, y = images(16, generator)
-        loss = F.cross_entropy(model(x), y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        return loss
+    step = plain_step(model, optimizer, lambda: images(16, generator))
 
     findings, _ = watched(model, optimizer, tmp_path, step)
     assert kinds(findings) == [("learning_rate", "")]
@@ -377,9 +353,7 @@ def test_features_at_scales_a_thousand_apart(tmp_path):
     def step(i):
         x, y = learnable_batch(32, 16, 4, generator)
         loss = F.cross_entropy(model(x * scale), y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        update(optimizer, loss)
         return loss
 
     findings, _ = watched(model, optimizer, tmp_path, step)
@@ -400,9 +374,7 @@ def test_raw_pixel_values_into_a_cnn(tmp_path):
         x, y = images(16, generator)
         pixels = ((x * 40 + 128).clamp(0, 255)).round()  # 0..255, not scaled to [0, 1]
         loss = F.cross_entropy(model(pixels), y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        update(optimizer, loss)
         return loss
 
     findings, _ = watched(model, optimizer, tmp_path, step)
@@ -421,9 +393,7 @@ def test_batchnorm1d_on_batches_of_four(tmp_path):
     def step(i):
         x, y = learnable_batch(4, 16, 4, generator)
         loss = F.cross_entropy(model(x), y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        update(optimizer, loss)
         return loss
 
     findings, _ = watched(model, optimizer, tmp_path, step)
@@ -446,9 +416,7 @@ def test_batchnorm2d_on_two_tiny_feature_maps(tmp_path):
     def step(i):
         x, y = images(2, generator, size=4)  # 2 images, 2x2 feature maps: 8 values a channel
         loss = F.cross_entropy(model(x), y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        update(optimizer, loss)
         return loss
 
     findings, _ = watched(model, optimizer, tmp_path, step)
@@ -468,13 +436,7 @@ def test_constant_init_of_an_mlp(tmp_path):
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     generator = torch.Generator().manual_seed(1)
 
-    def step(i):
-        x, y = learnable_batch(32, 16, 4, generator)
-        loss = F.cross_entropy(model(x), y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        return loss
+    step = plain_step(model, optimizer, lambda: learnable_batch(32, 16, 4, generator))
 
     findings, _ = watched(model, optimizer, tmp_path, step)
     rows = model[0].weight.detach()
@@ -492,13 +454,7 @@ def test_constant_init_of_a_conv_layer(tmp_path):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     generator = torch.Generator().manual_seed(1)
 
-    def step(i):
-        x, y = images(16, generator)
-        loss = F.cross_entropy(model(x), y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        return loss
+    step = plain_step(model, optimizer, lambda: images(16, generator))
 
     findings, _ = watched(model, optimizer, tmp_path, step)
     filters = model[0].weight.detach().flatten(1)
@@ -525,9 +481,7 @@ def test_auxiliary_head_used_on_some_steps_raises_nothing(tmp_path):
         loss = F.cross_entropy(head(h), y)
         if i % 2 == 0:
             loss = loss + 0.3 * F.cross_entropy(aux(h), y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        update(optimizer, loss)
         return loss
 
     findings, run = watched(model, optimizer, tmp_path, step)
@@ -549,9 +503,7 @@ def test_adam_epsilon_ignores_entries_whose_gradient_is_always_zero(tmp_path):
     def step(i):
         x, y = learnable_batch(32, 64, 4, generator)
         loss = F.cross_entropy(model(x * blank), y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        update(optimizer, loss)
         return loss
 
     findings, run = watched(model, optimizer, tmp_path, step)
@@ -577,9 +529,7 @@ def test_bf16_bag_of_words_zeros_are_not_underflow(tmp_path):
         x, y = bag(i)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = F.cross_entropy(model(x), y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        update(optimizer, loss)
         return loss
 
     findings, _ = watched(model, optimizer, tmp_path, step, histogram_every=1)
