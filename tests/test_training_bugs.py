@@ -15,6 +15,7 @@ from torch import nn
 
 import gradwatch as gw
 from gradwatch.detect.precision import UNDERFLOW_FRAC
+from gradwatch.stats.stale import CarriedGradients
 
 STEPS = 60
 
@@ -589,3 +590,18 @@ def test_whole_fp16_model_without_a_loss_scale(tmp_path, half, loss_weight):
     assert (grads == 0).float().mean() < 0.1
     assert kinds(findings) == [("underflow", "")]
     assert "GradScaler" in findings[0].remedy
+
+
+def test_carried_gradients_read_what_was_in_grad_sparse_included():
+    """The hook sees `.grad` before autograd adds to it: None on a step's first backward after
+    zeroing, the earlier steps' sum when nothing cleared it (a sparse gradient by its values)."""
+    embedding = nn.Embedding(10, 4, sparse=True)
+    carried = CarriedGradients([embedding.weight], torch.device("cpu"))
+    carried.arm()
+    embedding(torch.tensor([1, 2])).sum().backward()
+    assert carried.take().item() == 0  # .grad was None
+    before = embedding.weight.grad.to_dense().norm()
+    carried.arm()  # the next step, nothing cleared .grad
+    embedding(torch.tensor([3])).sum().backward()
+    assert carried.take().item() == pytest.approx(before.item())
+    assert not embedding.weight._backward_hooks  # take() unhooks

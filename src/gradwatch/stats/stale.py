@@ -64,11 +64,17 @@ class CarriedGradients:
             if i not in self._seen:
                 self._seen.add(i)
                 if old is not None:
-                    slot.copy_(torch.linalg.vector_norm(old, dtype=torch.float32))
+                    slot.copy_(_norm(old))
             elif old is None:
                 slot.zero_()
             else:
-                cleared = torch.linalg.vector_norm(old, dtype=torch.float32) == 0
-                slot.copy_(torch.where(cleared, 0.0, slot))
+                slot.copy_(torch.where(_norm(old) == 0, 0.0, slot))
 
         return carried
+
+
+def _norm(grad: Tensor) -> Tensor:
+    """‖grad‖₂ in float32; a sparse gradient (`nn.Embedding(sparse=True)`) by its values."""
+    if grad.layout != torch.strided:
+        grad = grad.coalesce().values()
+    return torch.linalg.vector_norm(grad, dtype=torch.float32)
