@@ -33,6 +33,18 @@ def watch_training(model, optimizer, tmp_path, step, steps=STEPS, **watch_option
     return w.findings()
 
 
+def sampled_step(model, optimizer, x, y, generator, batch: int = 64):
+    """A step function: a random batch of the data set (x, y), cross-entropy, a plain update."""
+
+    def step(i):
+        index = torch.randint(0, len(x), (batch,), generator=generator)
+        loss = nn.functional.cross_entropy(model(x[index]), y[index])
+        update(optimizer, loss)
+        return loss
+
+    return step
+
+
 def update(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
     """One plain update from `loss`."""
     optimizer.zero_grad()
@@ -288,11 +300,7 @@ def test_adam_on_a_real_small_dataset(tmp_path, per_example):
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     generator = torch.Generator().manual_seed(1)
 
-    def step(i):
-        index = torch.randint(0, len(x), (64,), generator=generator)
-        loss = nn.functional.cross_entropy(model(x[index]), y[index])
-        update(optimizer, loss)
-        return loss
+    step = sampled_step(model, optimizer, x, y, generator)
 
     findings = watch_training(model, optimizer, tmp_path, step, steps=150, per_example=per_example)
     assert findings == []
@@ -557,11 +565,7 @@ def test_lstm_reading_digits_row_by_row(tmp_path):
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     generator = torch.Generator().manual_seed(1)
 
-    def step(i):
-        index = torch.randint(0, len(x), (64,), generator=generator)
-        loss = nn.functional.cross_entropy(model(x[index]), y[index])
-        update(optimizer, loss)
-        return loss
+    step = sampled_step(model, optimizer, x, y, generator)
 
     findings = watch_training(model, optimizer, tmp_path, step, steps=150)
     ratios = gw.open_run(tmp_path / "run").series("time_first_to_last")[:, 0]

@@ -96,13 +96,14 @@ def underflow(block: StatsBlock, layout: ModelLayout, memory: dict[str, Any]) ->
     if measured is None:
         return []
     steps, shares = measured
+    fp16 = any(layout.precision(t) == "float16" for t in range(len(layout.tensors)))
     found: dict[str, dict[int, tuple[int, float]]] = {}  # module -> tensor -> (first step, share)
     for r, step in enumerate(steps):
         row = shares[r]
         if not np.isfinite(row).any():
             continue
         typical = float(np.median(np.where(np.isfinite(row), row, 0.0)))
-        whole = _whole_model(memory, int(step), row, typical)
+        whole = _whole_model(memory, int(step), typical) if fp16 else None
         if whole is not None:
             return [whole]
         for t, share in enumerate(row):
@@ -144,16 +145,12 @@ def underflow(block: StatsBlock, layout: ModelLayout, memory: dict[str, Any]) ->
     return findings
 
 
-def _whole_model(
-    memory: dict[str, Any], step: int, row: np.ndarray, typical: float
-) -> Finding | None:
-    """The whole-model case of `underflow`: the median fp16 tensor loses UNDERFLOW_FRAC from the
-    run's first histogram step on (see `underflow`)."""
-    fp16 = row[np.isfinite(row)]
-    memory.setdefault("first_histogram", step)
+def _whole_model(memory: dict[str, Any], step: int, typical: float) -> Finding | None:
+    """The whole-model case of `underflow` for a model that trains in fp16: the median tensor
+    loses UNDERFLOW_FRAC (`typical`) from the run's first histogram step on (see `underflow`)."""
     since_start = memory.get("whole_since_start", True) and typical >= UNDERFLOW_FRAC
     memory["whole_since_start"] = since_start
-    first = streak(memory, "whole", step, since_start and fp16.size > 0, UNDERFLOW_PROBES)
+    first = streak(memory, "whole", step, since_start, UNDERFLOW_PROBES)
     if first is None:
         return None
     return Finding(

@@ -123,7 +123,8 @@ def _persisting(block: StatsBlock, memory: dict[str, Any]) -> dict[int, int]:
     if "time_first_to_last" not in block.module_stats:
         return {}
     ratios = block.module_series("time_first_to_last")
-    stretches: dict[int, list[tuple[int, float]]] = memory.setdefault("stretches", {})
+    # per column: the step the stretch began at, and its last TIME_PATIENCE ratios
+    stretches: dict[int, tuple[int, list[float]]] = memory.setdefault("stretches", {})
     found = {}
     for r, step in enumerate(block.steps.tolist()):
         for column in np.flatnonzero(np.isfinite(ratios[r])).tolist():
@@ -131,11 +132,11 @@ def _persisting(block: StatsBlock, memory: dict[str, Any]) -> dict[int, int]:
             if ratio > 10**-TIME_ORDERS:
                 stretches.pop(column, None)
                 continue
-            stretch = stretches.setdefault(column, [])
-            stretch.append((step, ratio))
-            del stretch[:-TIME_PATIENCE]
-            if len(stretch) == TIME_PATIENCE and not _overcoming(stretch[0][1], ratio):
-                found.setdefault(column, stretch[0][0])
+            began, recent = stretches.setdefault(column, (step, []))
+            recent.append(ratio)
+            del recent[:-TIME_PATIENCE]
+            if len(recent) == TIME_PATIENCE and not _overcoming(recent[0], ratio):
+                found.setdefault(column, began)
     return found
 
 

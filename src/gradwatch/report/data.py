@@ -9,7 +9,16 @@ import numpy as np
 
 from gradwatch.detect.findings import FINDING_KINDS, Finding
 from gradwatch.guards.base import Event
+from gradwatch.stats.attention import LOGIT_SCALARS
+from gradwatch.stats.inputs import INPUT_SCALARS
+from gradwatch.stats.noise_scale import NOISE_SCALARS
+from gradwatch.stats.per_example import EXAMPLE_SCALARS
 from gradwatch.store import Run
+
+# Scalars gradwatch records itself: drawn in charts of their own, not as "logged scalars".
+OWN_SCALARS = frozenset(
+    ("global_grad_norm", *LOGIT_SCALARS, *INPUT_SCALARS, *NOISE_SCALARS, *EXAMPLE_SCALARS)
+)
 
 
 def processes_line(meta: dict) -> str:
@@ -79,8 +88,9 @@ class ReportData:
 
     @property
     def user_scalars(self) -> list[str]:
-        """Scalars logged with w.log (guards' own scalars carry a dot: "ZClip.norm")."""
-        return [n for n in self.scalar_names if n != "global_grad_norm" and "." not in n]
+        """Scalars logged with w.log: not gradwatch's own (`OWN_SCALARS`), nor the guards'
+        (they carry a dot: "ZClip.norm")."""
+        return [n for n in self.scalar_names if n not in OWN_SCALARS and "." not in n]
 
     @cached_property
     def weight_columns(self) -> list[int]:

@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -229,13 +230,17 @@ class AttentionProbes:
         return list(self.names), array, scalars
 
 
-# Autograd nodes that change a tensor's shape only: looked through to find what made it.
-_SHAPE_NODES = ("View", "Reshape", "Squeeze", "Unsqueeze", "Select", "Slice", "Permute", "T")
+# Autograd nodes that change a tensor's shape only (names without "Backward<n>"): looked
+# through to find what made it.
+_SHAPE_NODES = frozenset(
+    ("View", "UnsafeView", "Reshape", "ReshapeAlias", "Squeeze", "Unsqueeze", "Select", "Slice",
+     "Permute", "T", "Transpose", "Alias", "Clone", "Expand")
+)  # fmt: skip
 
 
 def _made_by(t: Tensor, node: str, hops: int = 4) -> float:
-    """1.0 if autograd node `node` made `t` (through at most `hops` shape-only nodes), else 0.0.
-    Reads the graph on the host: no data, no sync."""
+    """1.0 if autograd node `node` ("SigmoidBackward0") made `t`, through at most `hops`
+    shape-only nodes; else 0.0. Reads the graph on the host: no data, no sync."""
     fn = t.grad_fn
     for _ in range(hops + 1):
         if fn is None:
@@ -243,9 +248,9 @@ def _made_by(t: Tensor, node: str, hops: int = 4) -> float:
         name = type(fn).__name__
         if name == node:
             return 1.0
-        if not name.removesuffix("Backward0").removesuffix("Backward1").startswith(_SHAPE_NODES):
+        if re.sub(r"Backward\d*$", "", name) not in _SHAPE_NODES or not fn.next_functions:
             return 0.0
-        fn = fn.next_functions[0][0] if fn.next_functions else None
+        fn = fn.next_functions[0][0]
     return 0.0
 
 

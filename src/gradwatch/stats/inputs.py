@@ -73,7 +73,8 @@ class InputScale:
         if not self.probe or self._scales is not None or not torch.is_grad_enabled():
             return
         first = next((t for t in (*args, *kwargs.values()) if isinstance(t, Tensor)), None)
-        if first is not None and first.is_floating_point() and first.numel() > 0:
+        readable = first is not None and first.layout == torch.strided and not first.is_nested
+        if readable and first.is_floating_point() and first.numel() > 0:
             self._scales = feature_scales(first)
 
 

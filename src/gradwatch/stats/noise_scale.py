@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from gradwatch.distributed import LOCAL, Reduction
 from gradwatch.stats.hooks import eager_unless_traced
 
+NOISE_SCALARS: tuple[str, ...] = ("gns_simple", "gns_batch")
 BETA = 0.9
 WARM_UP = 3
 

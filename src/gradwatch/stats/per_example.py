@@ -41,6 +41,14 @@ from gradwatch.stats.ghost_norms import (
 )
 from gradwatch.stats.noise_scale import NoiseScale
 
+# The scalars a probe step with per_example records (besides `NOISE_SCALARS`).
+EXAMPLE_SCALARS: tuple[str, ...] = (
+    "pe_examples",
+    "pe_total_p50",
+    "pe_total_max",
+    "pe_total_argmax",
+    "pe_top_share",
+)
 _UNREACHED = (
     "it is used outside a forward call of its module, by a module that owns no parameter of "
     "its own (gradwatch captures those that do)"
