@@ -169,6 +169,26 @@ def test_step_path_makes_no_host_sync(tmp_path, forbid_host_sync):
     assert len(gw.open_run(tmp_path / "r").steps) == 7
 
 
+def test_training_bug_probes_make_no_host_sync(tmp_path, forbid_host_sync):
+    """The probes behind the training-code findings: gradients carried over (no zero_grad: the
+    stale hook reads a present .grad), BatchNorm's values per channel, the input's scale, and a
+    sigmoid output into binary_cross_entropy_with_logits."""
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = torch.randn(16, 6), torch.randint(0, 2, (16,)).float()
+    w = gw.watch(model, optimizer, run_dir=tmp_path / "r", probe_every=2, flush_every=3)
+    for _ in range(7):
+        out = torch.sigmoid(model(x)).squeeze(1)
+        loss = nn.functional.binary_cross_entropy_with_logits(out, y)
+        loss.backward()  # never zeroed: every probe step finds an earlier gradient in .grad
+        optimizer.step()
+    w.close()
+    run = gw.open_run(tmp_path / "r")
+    assert np.nanmax(run.series("stale_norm")) > 0
+    assert np.nanmax(run.series("norm_values")) == 16
+    assert np.nanmax(run.series("logit_prob_frac")) == 1.0
+
+
 def test_the_sync_check_itself_catches_a_sync(forbid_host_sync):
     with pytest.raises(HostSyncError):
         torch.ones(2).sum().item()
