@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import small_mlp
+from conftest import small_mlp, train_step
 from torch import nn
 
 import gradwatch as gw
@@ -258,7 +258,9 @@ def test_rollback_gives_up_with_a_clear_error(tmp_path):
     model = small_mlp()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     with (
-        pytest.raises(RuntimeError, match=r"Rollback gave up at step \d+ after 2 rollbacks"),
+        pytest.raises(
+            gw.guards.StopTraining, match=r"Rollback gave up at step \d+ after 2 rollbacks"
+        ),
         gw.watch(model, optimizer, run_dir=tmp_path / "r", guards=[Rollback(max_rollbacks=2)]),
     ):
         for step in range(10):
@@ -364,6 +366,28 @@ def test_guards_need_an_optimizer_and_must_be_guards(tmp_path):
         )
 
 
+def test_an_object_with_only_apply_is_refused_at_watch_naming_what_it_lacks(tmp_path):
+    """The watcher also calls events(), state_dict() and reads runs_on_skipped_steps: an
+    object with apply() alone used to pass and fail mid-training."""
+
+    class HalfAGuard:
+        def apply(self, ctx):
+            pass
+
+    class Scaler(gw.guards.Guard):  # the documented way: subclass Guard, write apply
+        def apply(self, ctx):
+            pass
+
+    model = small_mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    message = r"events\(\), state_dict\(\), load_state_dict\(\), runs_on_skipped_steps"
+    with pytest.raises(TypeError, match=message):
+        gw.watch(model, optimizer, run_dir=tmp_path / "a", guards=[HalfAGuard()])
+    with gw.watch(model, optimizer, run_dir=tmp_path / "b", guards=[Scaler()]) as w:
+        train_step(model, optimizer)
+    assert w.step_count == 1
+
+
 def test_repeated_guard_classes_get_distinct_labels(tmp_path):
     model = small_mlp()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
@@ -373,3 +397,22 @@ def test_repeated_guard_classes_get_distinct_labels(tmp_path):
         optimizer.step()
     assert (first.label, second.label) == ("ClipNorm", "ClipNorm_2")
     assert [e.guard for e in gw.open_run(tmp_path / "run").events] == ["ClipNorm_2"]
+
+
+def test_zclip_loaded_state_is_copied_not_written_into(tmp_path):
+    torch.manual_seed(0)
+    model = small_mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    first = ZClip(warmup=10)
+    with gw.watch(model, optimizer, run_dir=tmp_path / "a", guards=[first]):
+        for _ in range(4):  # mid warm-up: 4 of 10 norms collected
+            train_step(model, optimizer)
+    state = first.state_dict()
+    saved = state["warmup_norms"].clone()
+    second = ZClip(warmup=10)
+    second.load_state_dict(state)
+    with gw.watch(model, optimizer, run_dir=tmp_path / "b", guards=[second]):
+        for _ in range(8):  # finishes the warm-up, writing 6 more norms
+            train_step(model, optimizer)
+    torch.testing.assert_close(state["warmup_norms"], saved, rtol=0, atol=0, equal_nan=True)
+    assert second.state_dict()["seen"] == 10

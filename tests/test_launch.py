@@ -152,10 +152,12 @@ def test_bad_options_fail_before_the_script_runs(tmp_path, script, capsys):
     marker = tmp_path / "l.json"
     assert main(["run", "--guard", "nope", str(script), "--out", str(marker)]) == 2
     assert main(["run", "--every", "0", str(script), "--out", str(marker)]) == 2
+    assert main(["run", "--guard", "clip-norm=abc", str(script), "--out", str(marker)]) == 2
     assert main(["run", str(tmp_path / "missing.py")]) == 2
     assert not marker.exists()
     err = capsys.readouterr().err
     assert "unknown guard 'nope'" in err and "every must be an int >= 1" in err
+    assert "guard 'clip-norm=abc': 'abc' is not a number; write it as clip-norm=1.0" in err
 
 
 DDP = textwrap.dedent(
@@ -208,3 +210,39 @@ def test_gradwatch_run_under_torchrun_writes_one_store_of_every_step(tmp_path):
     assert run.meta["distributed"]["strategy"] == "ddp" and run.closed
     if not torch_exit_abort:  # the abort can strike rank 0 while it writes the report
         assert output.count("gradwatch: report") == 1  # rank 0 announces
+
+
+def test_a_failure_inside_gradwatch_leaves_the_script_its_outcome(
+    tmp_path, script, monkeypatch, caplog
+):
+    """An injected fault in gradwatch's step hook: the script trains as under plain python,
+    exits with its own code, and gradwatch says what failed."""
+    plain = tmp_path / "plain.json"
+    subprocess.run(
+        [sys.executable, str(script), "--steps", "12", "--out", str(plain)], check=True, timeout=120
+    )
+    from gradwatch.stats.grads import GradStatistics
+
+    calls = 0
+    record_grads = GradStatistics.record_grads
+
+    def failing(self, *args, **kwargs):
+        nonlocal calls
+        calls += 1
+        if calls == 4:
+            raise ZeroDivisionError("an injected fault in gradwatch")
+        return record_grads(self, *args, **kwargs)
+
+    monkeypatch.setattr(GradStatistics, "record_grads", failing)
+    watched = tmp_path / "watched.json"
+    code = main(["run", "--run-dir", str(tmp_path / "run"), str(script), "--steps", "12",
+                 "--out", str(watched), "--exit-code", "3"])  # fmt: skip
+    assert code == 3
+    assert json.loads(watched.read_text()) == json.loads(plain.read_text())
+    reports = [r.getMessage() for r in caplog.records if "goes on unwatched" in r.getMessage()]
+    assert len(reports) == 1
+    assert "failed in Watcher._before_update" in reports[0]
+    assert "ZeroDivisionError: an injected fault in gradwatch" in reports[0]  # the traceback
+    run = gw.open_run(tmp_path / "run")
+    assert "ZeroDivisionError" in run.meta["failed"]
+    assert list(run.steps) == [0, 1, 2] and run.findings == []  # the failing step is not stored

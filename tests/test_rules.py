@@ -50,6 +50,20 @@ def test_deep_sigmoid_mlp_vanishes_in_the_first_layers(tmp_path):
     assert "Sigmoid" in finding.message and "kaiming" in finding.remedy
 
 
+def test_a_failing_detector_is_reported_once_and_the_others_go_on(tmp_path, monkeypatch, caplog):
+    from gradwatch.detect import diagnosis
+
+    def broken(block, layout, memory):
+        raise ZeroDivisionError("a bug in a detector")
+
+    monkeypatch.setattr(diagnosis, "RULES", (broken, *diagnosis.RULES))
+    assert diagnosis.RULES[0] is broken
+    findings = train(sigmoid_mlp(depth=20), tmp_path)  # three blocks of 20 steps
+    assert [f.layer for f in kinds(findings, "vanishing")] == ["0"]
+    failures = [r for r in caplog.records if "broken detector failed" in r.getMessage()]
+    assert len(failures) == 1 and failures[0].exc_info[0] is ZeroDivisionError
+
+
 def test_normal_init_deep_relu_mlp_explodes(tmp_path):
     findings = kinds(train(large_init_relu_mlp(depth=10), tmp_path, lr=1e-9), "exploding")
     assert findings and findings[0].layer == "0"

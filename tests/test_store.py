@@ -118,3 +118,26 @@ def test_run_metadata_describes_model_and_versions(tmp_path):
     assert meta["versions"]["torch"] == torch.__version__
     assert meta["config"]["flush_every"] == 50
     assert meta["closed"] is True
+
+
+def test_every_failed_write_is_reported_and_close_raises_the_first(tmp_path, caplog):
+    from gradwatch.store import RunWriter
+
+    writer = RunWriter(tmp_path / "run")
+    writer.write_tensors([object()])  # no name, module, shape: the insert fails
+    writer.write_meta({"fine": 1})
+    writer.write_tensors([object()])
+    writer.drain()
+    failures = [r.getMessage() for r in caplog.records if "failed (tensors" in r.getMessage()]
+    assert len(failures) == 2 and "failure 2" in failures[1]
+    with pytest.raises(RuntimeError, match="could not write the run store") as raised:
+        writer.close()
+    assert isinstance(raised.value.__cause__, AttributeError)
+    assert gw.open_run(tmp_path / "run").meta["fine"] == 1  # the writes between went through
+
+
+def test_run_dir_that_is_a_file_gets_an_error_naming_run_dir(tmp_path):
+    """(A file in run_dir's path: test_watcher.py::test_unwritable_run_dir_fails_at_watch.)"""
+    (tmp_path / "taken").write_text("not a directory")
+    with pytest.raises(NotADirectoryError, match=r"run_dir .* is a file; pass the path"):
+        gw.watch(small_mlp(), run_dir=tmp_path / "taken")

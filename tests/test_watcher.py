@@ -14,6 +14,7 @@ from conftest import HostSyncError, small_mlp, train_step
 from torch import nn
 
 import gradwatch as gw
+from gradwatch.stats import flow, grads, stale
 
 
 def hook_count(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
@@ -130,7 +131,7 @@ def test_bad_input_fails_at_watch_with_a_message_that_names_it(tmp_path, kwargs,
 def test_unwritable_run_dir_fails_at_watch(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    with pytest.raises(OSError, match="cannot be written"):
+    with pytest.raises(NotADirectoryError, match=f"run_dir .* {str(blocker)!r} is a file"):
         gw.watch(small_mlp(), run_dir=blocker / "run")
 
 
@@ -310,3 +311,72 @@ def test_a_deepspeed_engine_is_refused_clearly(tmp_path):
     with pytest.raises(ValueError, match="DeepSpeed engines are not supported"):
         gw.watch(DeepSpeedEngine(), run_dir=tmp_path / "r")
     assert not (tmp_path / "r").exists()
+
+
+def fail_on_call(n: int, original):
+    """`original`, raising a ZeroDivisionError (standing for a bug in gradwatch) on call n."""
+    calls = 0
+
+    def failing(*args, **kwargs):
+        nonlocal calls
+        calls += 1
+        if calls == n:
+            raise ZeroDivisionError("an injected fault in gradwatch")
+        return original(*args, **kwargs)
+
+    return failing
+
+
+def training(model, optimizer, steps, w=None, zero_grad=True):
+    """The same data every time (seeded); a step without zero_grad when asked."""
+    generator = torch.Generator().manual_seed(3)
+    for _ in range(steps):
+        x, y = (
+            torch.randn(32, 6, generator=generator),
+            torch.randint(0, 3, (32,), generator=generator),
+        )
+        loss = nn.functional.cross_entropy(model(x), y)
+        if zero_grad:
+            optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if w is not None:
+            w.log(loss=loss)  # a no-op once gradwatch failed, never an error
+
+
+@pytest.mark.parametrize(
+    ("where", "owner", "name", "call"),
+    [
+        ("forward hook", flow, "activation_moments", 7),
+        ("optimizer step hook", grads.GradStatistics, "record_grads", 4),
+        ("backward tensor hook", stale, "_norm", 3),
+    ],
+    ids=lambda v: v if isinstance(v, str) and " " in v else "",
+)
+def test_a_failure_inside_gradwatch_never_reaches_or_changes_the_training(
+    tmp_path, monkeypatch, caplog, where, owner, name, call
+):
+    monkeypatch.setattr(owner, name, fail_on_call(call, getattr(owner, name)))
+    zero_grad = where != "backward tensor hook"  # carried-over gradients reach the hook
+    torch.manual_seed(0)
+    plain = small_mlp()
+    optimizer = torch.optim.SGD(plain.parameters(), lr=0.05)
+    training(plain, optimizer, 30, zero_grad=zero_grad)
+
+    torch.manual_seed(0)
+    model = small_mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    w = gw.watch(model, optimizer, run_dir=tmp_path / "r", probe_every=2, flush_every=5)
+    training(model, optimizer, 30, w, zero_grad=zero_grad)
+    w.close()
+
+    for mine, reference in zip(model.parameters(), plain.parameters(), strict=True):
+        assert torch.equal(mine, reference)  # the training is exactly the unwatched one
+    reports = [r for r in caplog.records if "injected fault" in (r.getMessage() or "")]
+    assert len(reports) == 1 and "the training goes on unwatched" in reports[0].getMessage()
+    run = gw.open_run(tmp_path / "r")
+    assert "ZeroDivisionError" in run.meta["failed"] and run.closed
+    assert 0 < len(run.steps) < 30  # what was flushed before the failure is kept
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    assert not optimizer._optimizer_step_pre_hooks and not optimizer._optimizer_step_post_hooks
+    assert not any(p._backward_hooks for p in model.parameters())

@@ -66,13 +66,28 @@ class WatchConfig:
                 raise ValueError(f"{name} must be an int >= 1{hint}, got {value!r}")
 
 
+# What the watcher calls on a guard: checked at watch(), not discovered mid-training.
+_GUARD_METHODS = ("apply", "events", "state_dict", "load_state_dict")
+
+
 def label_guards(guards: Sequence[Any], optimizer: Any) -> list[Guard]:
     """Check the guards and give each a unique label: its class name, numbered on repeats."""
     guards = list(guards)
     for guard in guards:
-        if not callable(getattr(guard, "apply", None)):
+        missing = [f"{m}()" for m in _GUARD_METHODS if not callable(getattr(guard, m, None))]
+        if not hasattr(guard, "runs_on_skipped_steps"):
+            missing.append("runs_on_skipped_steps")
+        if missing:
             raise TypeError(
-                f"guards must be gradwatch guards (objects with apply(ctx)), got {guard!r}"
+                f"guards must be gradwatch guards, got {guard!r}, which has no "
+                f"{', '.join(missing)}; subclass gw.guards.Guard (it supplies events(), "
+                "state_dict(), load_state_dict() and runs_on_skipped_steps) and implement "
+                "apply(ctx)"
+            )
+        if not isinstance(guard.runs_on_skipped_steps, bool):
+            raise TypeError(
+                f"{type(guard).__name__}.runs_on_skipped_steps must be a bool, got "
+                f"{guard.runs_on_skipped_steps!r}"
             )
     if guards and optimizer is None:
         raise ValueError(

@@ -44,6 +44,7 @@ from torch.optim.optimizer import (
 
 import gradwatch as gw
 from gradwatch.integrations.settings import optimizer_run_dir
+from gradwatch.stats.hooks import Failsafe
 
 logger = logging.getLogger("gradwatch")
 _DISTRIBUTED = torch.distributed.is_available()
@@ -68,7 +69,15 @@ def make_guard(spec: str) -> Any:
     if needs_value != bool(value):
         form = f"{name}=VALUE" if needs_value else name
         raise ValueError(f"guard {spec!r}: write it as {form}")
-    return GUARDS[name](float(value)) if needs_value else GUARDS[name]()
+    if not needs_value:
+        return GUARDS[name]()
+    try:
+        threshold = float(value)
+    except ValueError:
+        raise ValueError(
+            f"guard {spec!r}: {value!r} is not a number; write it as {name}=1.0"
+        ) from None
+    return GUARDS[name](threshold)
 
 
 @dataclass
@@ -109,22 +118,24 @@ class ScriptWatcher:
         self._forward_handles: list[Any] = []
         self.rank = 0  # the global rank, read at the first optimizer step
         self.optimizers_seen = 0
+        # Its own hooks run in the script's training: a failure in them is reported, not raised.
+        self._failsafe = Failsafe("gradwatch run's model discovery")
 
     def install(self) -> None:
         module_hooks = nn.modules.module
+        shield = self._failsafe.shield
         self._forward_handles = [
-            module_hooks.register_module_forward_pre_hook(self._enter),
-            module_hooks.register_module_forward_hook(self._leave, always_call=True),
+            module_hooks.register_module_forward_pre_hook(shield(self._enter)),
+            module_hooks.register_module_forward_hook(shield(self._leave), always_call=True),
         ]
         self._handles = [
-            register_optimizer_step_pre_hook(self._before_step),
-            register_optimizer_step_post_hook(self._after_step),
+            register_optimizer_step_pre_hook(shield(self._before_step)),
+            register_optimizer_step_post_hook(shield(self._after_step)),
         ]
-        backward = self._backward
+        backward, capture = self._backward, shield(self._capture_loss)
 
         def capturing_backward(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-            if tensor.numel() == 1:
-                self._loss = tensor.detach()
+            capture(tensor)
             return backward(tensor, *args, **kwargs)
 
         torch.Tensor.backward = capturing_backward  # type: ignore[method-assign]
@@ -156,6 +167,10 @@ class ScriptWatcher:
         return self.watchers
 
     # ---- hooks ---------------------------------------------------------------------------------
+    def _capture_loss(self, tensor: torch.Tensor) -> None:
+        if tensor.numel() == 1:
+            self._loss = tensor.detach()
+
     def _enter(self, module: nn.Module, args: Any) -> None:
         if self._depth == 0 and not any(ref() is module for ref in self._roots):
             self._roots.append(weakref.ref(module))
@@ -195,8 +210,13 @@ class ScriptWatcher:
                 flush_every=options.flush_every,
                 guards=[make_guard(g) for g in options.guards],
             )
-        except RuntimeError as exc:  # a model that another optimizer's watcher has
-            logger.warning("gradwatch run: optimizer #%d is not watched: %s", index, exc)
+        except Exception as exc:  # a set-up gw.watch refuses: reported, the script trains on
+            logger.warning(
+                "gradwatch run: optimizer #%d (%s) is not watched, the script trains on: %s",
+                index,
+                type(optimizer).__name__,
+                exc,
+            )
             return
         self.watchers.append(watcher)
         self._by_optimizer[optimizer] = watcher

@@ -32,6 +32,7 @@ from gradwatch.stats.grads import (
     GradStatistics,
     PresentGroup,
 )
+from gradwatch.stats.hooks import Shield, unshielded
 from gradwatch.stats.inputs import InputScale
 from gradwatch.stats.noise_scale import PartialGradients
 from gradwatch.stats.per_example import ExampleProbes
@@ -52,22 +53,28 @@ class ProbeRecords:
         module_probes: ModuleProbes,
         topology: Topology,
         config: WatchConfig,
+        *,
+        shield: Shield = unshielded,
     ) -> None:
         self.inventory = inventory
         self.module_probes = module_probes
         self.topology = topology
         device = inventory.device
-        self.time_probes = TimeProbes(model, device, topology.ranks, topology.world_size)
+        self.time_probes = TimeProbes(
+            model, device, topology.ranks, topology.world_size, shield=shield
+        )
         recurrent = [module_probes.names.index(n) for n in self.time_probes.names]
         self._time_cells = (  # where the through-time summary goes in a module row
             torch.tensor(recurrent, dtype=torch.long, device=device)[:, None],
             torch.tensor([MODULE_STATS.index(n) for n in TIME_STATS], device=device),
         )
-        self.attention = AttentionProbes(model, device, topology.ranks)
-        self.inputs = InputScale(model)
+        self.attention = AttentionProbes(model, device, topology.ranks, shield=shield)
+        self.inputs = InputScale(model, shield=shield)
         # Under FSDP2 `.grad` is a shard that the hooks would see unsharded: left out.
         self.carried = (
-            None if topology.sharded else CarriedGradients(inventory.params, inventory.device)
+            None
+            if topology.sharded
+            else CarriedGradients(inventory.params, inventory.device, shield=shield)
         )
         self._arrays = ProbeArrays()
         self.examples: ExampleProbes | None = None
@@ -75,7 +82,7 @@ class ProbeRecords:
         self._warned_skipped = False
         if not config.per_example and not topology.sharded:
             self.parts = PartialGradients(
-                model, inventory.params, device, topology.ranks, topology.world_size
+                model, inventory.params, device, topology.ranks, topology.world_size, shield=shield
             )
         if config.per_example:
             if topology.distributed:
@@ -85,7 +92,7 @@ class ProbeRecords:
                     "rank with gw.per_example_grad_norms"
                 )
             reduction = "sum" if config.per_example == "sum" else "mean"
-            self.examples = ExampleProbes(model, inventory.names, reduction)
+            self.examples = ExampleProbes(model, inventory.names, reduction, shield=shield)
         self._probe = False
 
     def attach(self) -> None:

@@ -31,7 +31,7 @@ def open_store(
     if topology.writes:
         try:
             writer = RunWriter(run_dir)
-        except FileExistsError as exc:
+        except (FileExistsError, NotADirectoryError) as exc:  # their messages name run_dir
             error = exc
         except (OSError, sqlite3.Error) as exc:
             error = OSError(

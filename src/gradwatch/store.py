@@ -103,7 +103,14 @@ class RunWriter:
 
     def __init__(self, run_dir: str | Path) -> None:
         self.path = store_path(run_dir)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError) as exc:  # a file where a directory must be
+            blocking = next(p for p in (self.path.parent, *self.path.parent.parents) if p.exists())
+            raise NotADirectoryError(
+                f"run_dir {str(self.path.parent)!r} cannot be created as a directory: "
+                f"{str(blocking)!r} is a file; pass the path of a directory (new or empty)"
+            ) from exc
         if self.path.exists():
             raise FileExistsError(
                 f"run_dir {str(self.path.parent)!r} already holds a gradwatch run; "
@@ -124,7 +131,8 @@ class RunWriter:
             conn.close()
         os.replace(draft, self.path)
         self.block_listeners: list[Callable[[StatsBlock], None]] = []
-        self.error: BaseException | None = None
+        self.error: BaseException | None = None  # the first failed write
+        self.failures = 0
         self._queue: queue.Queue[tuple[Callable[..., None], tuple[Any, ...]] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="gradwatch-writer", daemon=True)
         self._thread.start()
@@ -180,10 +188,17 @@ class RunWriter:
                 try:
                     with conn:
                         fn(conn, *args)
-                except Exception as exc:  # keep training alive; close() reports it
-                    if self.error is None:
-                        logger.error("gradwatch: writing the run store failed: %s", exc)
-                        self.error = exc
+                except Exception as exc:  # keep training alive; close() raises the first
+                    self.failures += 1
+                    self.error = self.error or exc
+                    logger.error(
+                        "gradwatch: writing the run store %s failed (%s, failure %d): %s; what "
+                        "it held is lost, later writes are tried",
+                        self.path,
+                        getattr(fn, "__name__", "a write").removeprefix("_insert_"),
+                        self.failures,
+                        exc,
+                    )
                 finally:
                     self._queue.task_done()
         finally:
@@ -287,7 +302,8 @@ class DiscardingWriter:
 
     def __init__(self) -> None:
         self.block_listeners: list[Callable[[StatsBlock], None]] = []
-        self.error: BaseException | None = None
+        self.error: BaseException | None = None  # the first failed write
+        self.failures = 0
 
     def _discard(self, *args: Any) -> None:
         return None

@@ -40,7 +40,7 @@ from gradwatch.distributed import (
     topology,
     unwrap,
 )
-from gradwatch.guards.base import Guard, GuardContext
+from gradwatch.guards.base import Guard, GuardContext, StopTraining
 from gradwatch.inventory import Inventory
 from gradwatch.probe_records import ProbeRecords
 from gradwatch.run_start import fingerprint, open_store, run_meta
@@ -55,6 +55,7 @@ from gradwatch.stats.grads import (
     combine_shards,
     global_norm,
 )
+from gradwatch.stats.hooks import Failsafe, eager_unless_traced
 from gradwatch.stats.optimizer_state import AdamEpsilon
 
 logger = logging.getLogger("gradwatch")
@@ -89,6 +90,9 @@ class Watcher:
                 f"this {type(model).__name__} is already watched by an open Watcher; close it first"
             )
         self._guards = label_guards(guards, optimizer)
+        self._failsafe = Failsafe(
+            f"the watcher of run_dir {config.run_dir!r}", passes=(StopTraining,)
+        )
         self.model = model
         self.optimizer = optimizer
         self.config = config
@@ -105,10 +109,13 @@ class Watcher:
         self._sinks = list(sinks)
         self._statistics = GradStatistics(self.inventory, sharded=topo.sharded)
         self._adam = AdamEpsilon(optimizer, self.inventory) if optimizer is not None else None
+        shield = self._failsafe.shield
         self._module_probes = ModuleProbes(
-            model, self.inventory.device, topo.ranks, topo.rank, topo.world_size
+            model, self.inventory.device, topo.ranks, topo.rank, topo.world_size, shield=shield
         )
-        self._probe_records = ProbeRecords(model, self.inventory, self._module_probes, topo, config)
+        self._probe_records = ProbeRecords(
+            model, self.inventory, self._module_probes, topo, config, shield=shield
+        )
         self._diagnosis: Diagnosis | None = None  # set up at the first flush, see _fix_layout
         self._module_order: Tensor | None = None
         self._announced: set[tuple[str, str]] = set()
@@ -150,12 +157,17 @@ class Watcher:
 
         Records the statistics of the gradients as they are now. No host sync.
         """
-        self._check_open()
+        if not self._open():
+            return
         if self.optimizer is not None:
             raise RuntimeError(
                 "Watcher.step() is for gw.watch(model) without an optimizer; this watcher counts "
                 "steps inside optimizer.step() already, so remove the call"
             )
+        self._failsafe.shield(self._record_manual_step)()
+
+    def _record_manual_step(self) -> None:
+        """What `step()` records: this update's statistics; then the step counter moves on."""
         if self._records(self._step):
             row = self._open_row(self._step)
             self._record_grads(self._statistics.present(), row, self._step)
@@ -172,7 +184,8 @@ class Watcher:
         next `step()` closes. One-element tensors stay on the device: no host sync.
         Scalars of steps that are not recorded (see `every`) are dropped.
         """
-        self._check_open()
+        if not self._open():
+            return
         if "loss" in scalars:  # Rollback watches the latest loss, recorded step or not
             loss = scalars["loss"]
             self._last_loss = loss.detach() if isinstance(loss, Tensor) else loss
@@ -216,8 +229,8 @@ class Watcher:
 
     def flush(self) -> None:
         """Hand the recorded steps to the run store now (also done every `flush_every` steps)."""
-        self._check_open()
-        self._flush()
+        if self._open():
+            self._failsafe.shield(self._flush)()
 
     def close(self) -> None:
         """Flush, wait until the store holds everything, and remove every hook. Idempotent."""
@@ -249,11 +262,16 @@ class Watcher:
 
     # ---- the step path -----------------------------------------------------------------------
     def _attach(self) -> None:
+        self._hooks.append(self.model.register_forward_pre_hook(self._close_if_failed))
         self._module_probes.attach()
         self._probe_records.attach()
         if self.optimizer is not None:
-            self._hooks.append(self.optimizer.register_step_pre_hook(self._before_update))
-            self._hooks.append(self.optimizer.register_step_post_hook(self._after_update))
+            self._hooks.append(
+                self.optimizer.register_step_pre_hook(self._step_hook(self._before_update))
+            )
+            self._hooks.append(
+                self.optimizer.register_step_post_hook(self._step_hook(self._after_update))
+            )
         elif self._probes(0):
             self._snapshot = self._statistics.snapshot_params()
 
@@ -276,12 +294,14 @@ class Watcher:
         during its line search: those are not this step's gradients)."""
         first = True
 
+        record = self._failsafe.shield(self._record_update_inputs)
+
         def recording() -> Any:
             nonlocal first
-            loss = closure()
+            loss = closure()  # the user's: its exceptions are the user's
             if first:
                 first = False
-                self._record_update_inputs()
+                record()
             return loss
 
         return recording
@@ -449,9 +469,43 @@ class Watcher:
         self._block_steps.clear()
 
     # ---- set-up helpers ----------------------------------------------------------------------
-    def _check_open(self) -> None:
+    def _open(self) -> bool:
+        """Whether the watcher records. False once gradwatch's own code failed (the watcher
+        then closes itself, and calls become no-ops: the training goes on); a RuntimeError
+        after the user closed it."""
+        if self._failsafe.tripped:
+            self._close_after_failure()
+            return False
         if self._closed:
             raise RuntimeError("this Watcher is closed; call gw.watch() again to keep watching")
+        return True
+
+    def _step_hook(self, hook: Any) -> Any:
+        """`hook` shielded by the failsafe, for the optimizer. It cannot close the watcher
+        itself: torch iterates the optimizer's hooks live, and removing one there raises in the
+        user's `optimizer.step()` when another hook follows. The watcher closes in
+        `_close_if_failed` instead."""
+        return self._failsafe.shield(hook)
+
+    def _close_if_failed(self, module: nn.Module, args: Any) -> None:
+        """A forward pre-hook on the model: the first safe point after a failure, where the
+        watcher closes (a module's hooks are called from a copy, so removing them is safe)."""
+        if self._failsafe.tripped:
+            self._close_after_failure()
+
+    def _close_after_failure(self) -> None:
+        """Close after a failure of gradwatch's own code: note it in the store, flush what is
+        recorded, remove every hook; report, never raise (DESIGN invariant 8)."""
+        if self._closed:
+            return
+        error = self._failsafe.error
+        if self._block_steps and self._block_steps[-1] == self._step:
+            self._block_steps.pop()  # the failing step's row is half written: not stored
+        try:
+            self._writer.write_meta({"failed": f"{self._failsafe.where}: {error!r}"})
+            self.close()
+        except Exception as exc:
+            logger.error("gradwatch: closing the run after that failure failed too: %r", exc)
 
     def _close_at_exit(self) -> None:
         try:
@@ -523,6 +577,9 @@ class Watcher:
                 logger.warning("gradwatch finding: %s", finding)
         for sink in self._sinks:
             sink.write_findings(findings)
+
+
+eager_unless_traced(Watcher._close_if_failed)
 
 
 def watch(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
 from collections.abc import Callable
 
@@ -10,6 +11,8 @@ from gradwatch.detect.findings import SEVERITIES, Finding
 from gradwatch.detect.layout import ModelLayout
 from gradwatch.detect.rules import RULES, Memory
 from gradwatch.stats.buffer import StatsBlock
+
+logger = logging.getLogger("gradwatch")
 
 
 class Diagnosis:
@@ -25,12 +28,24 @@ class Diagnosis:
         self._memory: dict[str, Memory] = {rule.__name__: {} for rule in RULES}
         self._findings: dict[tuple[str, str], Finding] = {}
         self._lock = threading.Lock()
+        self._failed: set[str] = set()
 
     def __call__(self, block: StatsBlock) -> None:
         changed = []
         for rule in RULES:
-            for finding in rule(block, self.layout, self._memory[rule.__name__]):
-                changed.append(self._merge(finding))
+            try:
+                found = rule(block, self.layout, self._memory[rule.__name__])
+            except Exception:  # one broken detector must not silence the others
+                if rule.__name__ not in self._failed:
+                    self._failed.add(rule.__name__)
+                    logger.exception(
+                        "gradwatch: the %s detector failed on the block at step %d; it is "
+                        "skipped there, the other detectors go on (reported once)",
+                        rule.__name__,
+                        int(block.steps[0]),
+                    )
+                continue
+            changed.extend(self._merge(finding) for finding in found)
         if changed:
             self._publish(changed)
 

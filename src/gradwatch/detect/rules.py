@@ -218,7 +218,7 @@ def nonfinite(block: StatsBlock, layout: ModelLayout, memory: Memory) -> list[Fi
         return []
     flags = block.module_series("act_nonfinite")
     grads = block.tensor_series("grad_norm")
-    present = block.tensor_series("grad_none") != 1
+    present = block.tensor_series("grad_none") == 0  # known to have had a gradient
     column = {name: i for i, name in enumerate(layout.modules)}
     for r, step in enumerate(block.steps):
         bad_tensors = np.flatnonzero(~np.isfinite(grads[r]) & present[r])

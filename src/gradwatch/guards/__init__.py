@@ -3,7 +3,7 @@
 `gw.watch(model, optimizer, guards=[gw.guards.SkipNonFinite(), gw.guards.ZClip()])`.
 """
 
-from gradwatch.guards.base import Guard, GuardContext
+from gradwatch.guards.base import Guard, GuardContext, StopTraining
 from gradwatch.guards.clip import AGC, AutoClip, ClipNorm, ClipValue, ZClip
 from gradwatch.guards.recover import Rollback, SkipNonFinite
 
@@ -16,5 +16,6 @@ __all__ = [
     "GuardContext",
     "Rollback",
     "SkipNonFinite",
+    "StopTraining",
     "ZClip",
 ]

@@ -1,4 +1,5 @@
-"""The `Guard` protocol, the `GuardContext` a guard acts through, and the `Event` record."""
+"""The `Guard` protocol, the `GuardContext` a guard acts through, the `Event` record, and
+`StopTraining`."""
 
 from __future__ import annotations
 
@@ -14,6 +15,12 @@ from gradwatch.distributed import LOCAL, Reduction
 from gradwatch.stats.grads import global_norm, l2_norms
 
 EVENT_KINDS: tuple[str, ...] = ("clip", "skip", "rollback")
+
+
+class StopTraining(RuntimeError):
+    """Raised by a guard the user chose when training cannot go on (`Rollback` out of
+    rollbacks). The one exception gradwatch lets into the user's training, on purpose: its
+    failsafe catches every other (DESIGN invariant 8)."""
 
 
 @dataclass(frozen=True, slots=True)

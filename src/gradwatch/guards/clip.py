@@ -315,17 +315,20 @@ class ZClip(Guard):
         return clip_events(self, steps, scalars)
 
     def state_dict(self) -> dict[str, Any]:
-        def copy(t: Tensor | None) -> Tensor | None:
-            return None if t is None else t.detach().cpu().clone()
-
         return {
             "seen": self._seen,
-            "warmup_norms": copy(self._warmup_norms),
-            "mean": copy(self._mean),
-            "var": copy(self._var),
+            "warmup_norms": _copied(self._warmup_norms, "cpu"),
+            "mean": _copied(self._mean, "cpu"),
+            "var": _copied(self._var, "cpu"),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        # Copies: the warm-up writes into its norms in place, never into the caller's state.
         self._seen = int(state["seen"])
-        self._warmup_norms = state["warmup_norms"]
-        self._mean, self._var = state["mean"], state["var"]
+        self._warmup_norms = _copied(state["warmup_norms"])
+        self._mean, self._var = _copied(state["mean"]), _copied(state["var"])
+
+
+def _copied(t: Tensor | None, device: str | None = None) -> Tensor | None:
+    """A copy of `t` (on `device`, if given) that shares no memory with it; None stays None."""
+    return None if t is None else t.detach().to(device or t.device, copy=True)

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from gradwatch.distributed import local_tensor, shard_like
-from gradwatch.guards.base import Event, Guard, GuardContext
+from gradwatch.guards.base import Event, Guard, GuardContext, StopTraining
 
 
 class SkipNonFinite(Guard):
@@ -222,7 +222,7 @@ class Rollback(Guard):
     def _roll_back(self, ctx: GuardContext, reason: str) -> None:
         assert ctx.optimizer is not None
         if self.rollbacks >= self.max_rollbacks:
-            raise RuntimeError(
+            raise StopTraining(
                 f"Rollback gave up at step {ctx.step} after {self.rollbacks} rollbacks: training "
                 f"keeps diverging ({reason}). Lower the learning rate, check the data around "
                 "this step, or raise max_rollbacks"

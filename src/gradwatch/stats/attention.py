@@ -71,7 +71,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from gradwatch.distributed import LOCAL, Reduction
-from gradwatch.stats.hooks import eager_unless_traced
+from gradwatch.stats.hooks import Shield, eager_unless_traced, unshielded
 
 ATTENTION_STATS: tuple[str, ...] = ("attn_max_logit", "attn_entropy")
 LOGIT_SCALARS: tuple[str, ...] = ("logit_lse", "logit_lse_max", "logit_prob_frac")
@@ -90,8 +90,16 @@ class AttentionProbes:
     scalars of the step, combined over `ranks`, then starts afresh.
     """
 
-    def __init__(self, model: nn.Module, device: torch.device, ranks: Reduction = LOCAL) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        device: torch.device,
+        ranks: Reduction = LOCAL,
+        *,
+        shield: Shield = unshielded,
+    ) -> None:
         self._model = model
+        self.shield = shield
         self._names = {id(m): name for name, m in model.named_modules()}
         self.device = device
         self.ranks = ranks
@@ -101,12 +109,13 @@ class AttentionProbes:
         self._entropy: list[Tensor] = []  # per module [2, heads]: Σ entropy, rows
         # Σ log Z, positions, Σ probability rows or entries, rows or entries checked, max |log Z|
         self._logits = torch.zeros(5, device=device)
-        self._mode = _AttentionMode(self._record, self._record_logits)
+        # The mode passes every torch call on; what it observes is gradwatch's own work.
+        self._mode = _AttentionMode(shield(self._observe))
         self._entered = False
         self.handles: list[Any] = []
 
     def attach(self) -> None:
-        self.handles.append(self._model.register_forward_pre_hook(self._enter))
+        self.handles.append(self._model.register_forward_pre_hook(self.shield(self._enter)))
 
     def detach(self) -> None:
         for handle in self.handles:
@@ -131,6 +140,26 @@ class AttentionProbes:
         if self._entered:
             self._entered = False
             self._mode.__exit__(None, None, None)
+
+    def _observe(
+        self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+    ) -> None:
+        """One attention or loss call of the forward pass (its arguments and output)."""
+        if name == "softmax" and args and isinstance(args[0], Tensor):
+            dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+            if isinstance(dim, int) and isinstance(output, Tensor):
+                call = softmax_call(args[0], dim, output)
+                if call is not None:
+                    self._record(call)
+        elif name == "scaled_dot_product_attention":
+            self._record(sdpa_call(*_sdpa_arguments(args, kwargs)))
+        elif name == "multi_head_attention_forward":
+            self._record(mha_call(args, kwargs))
+        elif name == "cross_entropy" and args and isinstance(args[0], Tensor):
+            target = kwargs.get("target", args[1] if len(args) > 1 else None)
+            self._record_logits(args[0], target, kwargs.get("ignore_index", -100))
+        elif name == "binary_cross_entropy_with_logits" and args and isinstance(args[0], Tensor):
+            self._record_logits(args[0], None, None)
 
     def _record(self, call: AttentionCall) -> None:
         """Add one attention call to its module's sums."""
@@ -421,17 +450,12 @@ def _additive(mask: Tensor, blocked_when_true: bool) -> Tensor:
 
 
 class _AttentionMode(TorchFunctionMode):
-    """Passes every torch call on; hands the scores of attention calls to `record` and the
-    inputs of cross-entropy to `record_logits`."""
+    """Passes every torch call on, and hands the attention and loss calls (`_SEEN`), with their
+    arguments and output, to `observe`."""
 
-    def __init__(
-        self,
-        record: Callable[[AttentionCall], None],
-        record_logits: Callable[[Tensor, Any, int | None], None],
-    ) -> None:
+    def __init__(self, observe: Callable[[str, tuple[Any, ...], dict[str, Any], Any], None]):
         super().__init__()
-        self._record = record
-        self._record_logits = record_logits
+        self._observe = observe
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
@@ -443,21 +467,7 @@ class _AttentionMode(TorchFunctionMode):
         # this mode: it passes through (the attention inside a compiled region is not seen).
         if not torch.is_grad_enabled() or torch.compiler.is_compiling():
             return output
-        if name == "softmax" and args and isinstance(args[0], Tensor):
-            dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
-            if isinstance(dim, int) and isinstance(output, Tensor):
-                call = softmax_call(args[0], dim, output)
-                if call is not None:
-                    self._record(call)
-        elif name == "scaled_dot_product_attention":
-            self._record(sdpa_call(*_sdpa_arguments(args, kwargs)))
-        elif name == "multi_head_attention_forward":
-            self._record(mha_call(args, kwargs))
-        elif name == "cross_entropy" and args and isinstance(args[0], Tensor):
-            target = kwargs.get("target", args[1] if len(args) > 1 else None)
-            self._record_logits(args[0], target, kwargs.get("ignore_index", -100))
-        elif name == "binary_cross_entropy_with_logits" and args and isinstance(args[0], Tensor):
-            self._record_logits(args[0], None, None)
+        self._observe(name, args, kwargs, output)
         return output
 
 

@@ -55,7 +55,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from gradwatch.distributed import LOCAL, Reduction, lowest_rank, module_class, rank_code
 from gradwatch.stats.histograms import act_histogram, bins
-from gradwatch.stats.hooks import eager_unless_traced
+from gradwatch.stats.hooks import Shield, eager_unless_traced, unshielded
 from gradwatch.stats.through_time import TIME_STATS
 
 MODULE_STATS: tuple[str, ...] = (
@@ -190,7 +190,10 @@ class ModuleProbes:
         ranks: Reduction = LOCAL,
         rank: int = 0,
         world_size: int = 1,
+        *,
+        shield: Shield = unshielded,
     ) -> None:
+        self.shield = shield
         self.names: list[str] = []
         self.types: list[str] = []
         self._modules: list[nn.Module] = []
@@ -218,14 +221,14 @@ class ModuleProbes:
         self._output_dtypes: dict[int, str] = {}  # as first seen on a probe step
         self._norm_values: dict[int, int] = {}  # BatchNorm columns -> values per channel
         self._act_hist = torch.zeros(width, bins("act_hist"), dtype=wide, device=device)
-        self._signal_hooks = [self._signal_hook(c) for c in range(width)]
+        self._signal_hooks = [shield(self._signal_hook(c)) for c in range(width)]
         self._unsupported: set[int] = set()
         self._segments: tuple[tuple[int, ...], Tensor, Tensor, Tensor] | None = None
         self.handles: list[Any] = []
 
     def attach(self) -> None:
         for column, module in enumerate(self._modules):
-            self.handles.append(module.register_forward_hook(self._hook(column)))
+            self.handles.append(module.register_forward_hook(self.shield(self._hook(column))))
 
     def detach(self) -> None:
         for handle in self.handles:

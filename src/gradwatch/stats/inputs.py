@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gradwatch.stats.hooks import eager_unless_traced
+from gradwatch.stats.hooks import Shield, eager_unless_traced, unshielded
 
 INPUT_SCALARS: tuple[str, ...] = ("input_rms_max", "input_rms_min")
 # A feature is dense when it is non-zero in at least this share of its values.
@@ -50,14 +50,17 @@ class InputScale:
     """A forward pre-hook on the model that measures the feature scales of the first forward
     pass of each probe step."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, *, shield: Shield = unshielded) -> None:
         self._model = model
+        self.shield = shield
         self.probe = False
         self._scales: tuple[Tensor, Tensor] | None = None
         self.handles: list[Any] = []
 
     def attach(self) -> None:
-        self.handles.append(self._model.register_forward_pre_hook(self._measure, with_kwargs=True))
+        self.handles.append(
+            self._model.register_forward_pre_hook(self.shield(self._measure), with_kwargs=True)
+        )
 
     def detach(self) -> None:
         for handle in self.handles:

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from gradwatch.distributed import LOCAL, Reduction
-from gradwatch.stats.hooks import eager_unless_traced
+from gradwatch.stats.hooks import Shield, eager_unless_traced, unshielded
 
 NOISE_SCALARS: tuple[str, ...] = ("gns_simple", "gns_batch")
 BETA = 0.9
@@ -90,8 +90,11 @@ class PartialGradients:
         device: torch.device,
         ranks: Reduction = LOCAL,
         world_size: int = 1,
+        *,
+        shield: Shield = unshielded,
     ) -> None:
         self._model, self._params = model, params
+        self.shield = shield
         self.ranks, self.world_size = ranks, world_size
         self.noise = NoiseScale()
         self.probe = False
@@ -102,7 +105,9 @@ class PartialGradients:
         self.handles: list[Any] = []
 
     def attach(self) -> None:
-        self.handles.append(self._model.register_forward_pre_hook(self._count, with_kwargs=True))
+        self.handles.append(
+            self._model.register_forward_pre_hook(self.shield(self._count), with_kwargs=True)
+        )
 
     def detach(self) -> None:
         for handle in self.handles + self._hooks:
@@ -124,7 +129,8 @@ class PartialGradients:
         self._examples = examples if self._examples in (None, examples) else -1
         splits = self.world_size > 1 or self._last_parts > 1
         if self.probe and splits and not self._hooks:
-            self._hooks = [p.register_hook(self._add) for p in self._params if p.requires_grad]
+            add = self.shield(self._add)
+            self._hooks = [p.register_hook(add) for p in self._params if p.requires_grad]
 
     def _add(self, grad: Tensor) -> None:
         square = torch.linalg.vector_norm(grad, dtype=torch.float32).double().square()

@@ -39,6 +39,7 @@ from gradwatch.stats.ghost_norms import (
     rule_for,
     rule_reads_layout,
 )
+from gradwatch.stats.hooks import Shield, unshielded
 from gradwatch.stats.noise_scale import NoiseScale
 
 # The scalars a probe step with per_example records (besides `NOISE_SCALARS`).
@@ -71,14 +72,15 @@ class Capture:
     at each call's output, grouped by forward pass of the model (`passes`); `remove()` takes
     them off. Records only while `active` (the watcher sets it on probe steps)."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, *, shield: Shield = unshielded) -> None:
         self.passes: list[dict[str, list[Call]]] = []
         self.active = True
-        self._handles: list[Any] = [model.register_forward_pre_hook(self._new_pass)]
+        self.shield = shield
+        self._handles: list[Any] = [model.register_forward_pre_hook(shield(self._new_pass))]
         for name, module in model.named_modules():
             if any(p.requires_grad for p in module.parameters(recurse=False)):
                 self._handles.append(
-                    module.register_forward_hook(self._record(name), with_kwargs=True)
+                    module.register_forward_hook(shield(self._record(name)), with_kwargs=True)
                 )
 
     def _new_pass(self, module: nn.Module, args: Any) -> None:
@@ -97,7 +99,7 @@ class Capture:
                 def keep(grad: Tensor) -> None:
                     call.signal = grad if call.signal is None else call.signal + grad
 
-                y.register_hook(keep)
+                y.register_hook(self.shield(keep))
 
         return hook
 
@@ -290,8 +292,11 @@ class ExampleProbes:
     module docstring); no host sync except where a fallback loops over examples.
     """
 
-    def __init__(self, model: nn.Module, names: list[str], reduction: str) -> None:
+    def __init__(
+        self, model: nn.Module, names: list[str], reduction: str, *, shield: Shield = unshielded
+    ) -> None:
         self.model = model
+        self.shield = shield
         self.names = names
         self.reduction = reduction
         self.noise = NoiseScale()
@@ -309,7 +314,7 @@ class ExampleProbes:
             self._capture.active = value
 
     def attach(self) -> None:
-        self._capture = Capture(self.model)
+        self._capture = Capture(self.model, shield=self.shield)
         self._capture.active = self._active
 
     def detach(self) -> None:

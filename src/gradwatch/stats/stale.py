@@ -25,13 +25,18 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from gradwatch.stats.hooks import Shield, unshielded
+
 
 class CarriedGradients:
     """Per watched parameter, the norm of the gradient in `.grad` before the probe step's
     backward passes added theirs (see the module docstring)."""
 
-    def __init__(self, params: list[nn.Parameter], device: torch.device) -> None:
+    def __init__(
+        self, params: list[nn.Parameter], device: torch.device, *, shield: Shield = unshielded
+    ) -> None:
         self._params = params
+        self._shield = shield
         self._norms = torch.zeros(len(params), device=device)
         self._seen: set[int] = set()
         self._hooks: list[Any] = []
@@ -42,7 +47,9 @@ class CarriedGradients:
         self._norms.zero_()
         self._seen.clear()
         self._hooks = [
-            p.register_hook(self._hook(i)) for i, p in enumerate(self._params) if p.requires_grad
+            p.register_hook(self._shield(self._hook(i)))
+            for i, p in enumerate(self._params)
+            if p.requires_grad
         ]
 
     def disarm(self) -> None:

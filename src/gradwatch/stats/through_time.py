@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
 from gradwatch.distributed import LOCAL, Reduction
-from gradwatch.stats.hooks import eager_unless_traced
+from gradwatch.stats.hooks import Shield, eager_unless_traced, unshielded
 
 # Positions of the stored profile; longer sequences are pooled into buckets of consecutive steps.
 TIME_POINTS = 1024
@@ -78,7 +78,10 @@ class TimeProbes:
         device: torch.device,
         ranks: Reduction = LOCAL,
         world_size: int = 1,
+        *,
+        shield: Shield = unshielded,
     ) -> None:
+        self.shield = shield
         found = recurrent_modules(model)
         self.names = [name for name, _ in found]
         self._modules = [module for _, module in found]
@@ -97,10 +100,10 @@ class TimeProbes:
     def attach(self) -> None:
         if not self._modules:
             return
-        self.handles.append(self._model.register_forward_pre_hook(self._restart_cells))
+        self.handles.append(self._model.register_forward_pre_hook(self.shield(self._restart_cells)))
         for index, module in enumerate(self._modules):
             self.handles.append(
-                module.register_forward_pre_hook(self._hook(index), with_kwargs=True)
+                module.register_forward_pre_hook(self.shield(self._hook(index)), with_kwargs=True)
             )
 
     def detach(self) -> None:
@@ -132,15 +135,15 @@ class TimeProbes:
                 return None
             if isinstance(x, PackedSequence):
                 data = _alias(x.data)
-                data.register_hook(self._packed_recorder(index, x.batch_sizes))
+                data.register_hook(self.shield(self._packed_recorder(index, x.batch_sizes)))
                 x = x._replace(data=data)
             else:
                 x = _alias(x)
                 if is_cell:
-                    x.register_hook(self._step_recorder(index, step))
+                    x.register_hook(self.shield(self._step_recorder(index, step)))
                 else:
                     time_dim = 1 if module.batch_first and x.dim() == 3 else 0
-                    x.register_hook(self._sequence_recorder(index, time_dim))
+                    x.register_hook(self.shield(self._sequence_recorder(index, time_dim)))
             if in_kwargs:
                 return args, {**kwargs, "input": x}
             return (x, *args[1:]), kwargs
