@@ -159,8 +159,86 @@ def test_several_optimizers_get_one_store_each_on_their_submodule(tmp_path):
     np.testing.assert_allclose(critic.series("global_grad_norm"), module.norms[1], rtol=1e-5)
 
 
-def test_optimizers_sharing_parameters_are_refused_clearly(tmp_path):
-    with pytest.raises(
-        ValueError, match=r"optimizers #0 and #1 update parameters of one submodule"
-    ):
-        fit([GradwatchCallback(run_dir=tmp_path / "run")], module=Tiny(manual=True, optimizers=2))
+class SharedByTwo(Tiny):
+    """Two optimizers over the same parameters, stepped one after the other."""
+
+    def __init__(self) -> None:
+        super().__init__(manual=True, optimizers=2)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        for optimizer in self.optimizers():
+            loss = nn.functional.cross_entropy(self.net(x), y)
+            optimizer.zero_grad()
+            self.manual_backward(loss)
+            optimizer.step()
+        self.losses.append(loss.item())
+
+
+def test_optimizers_sharing_parameters_are_reported_and_the_fit_goes_on(tmp_path, caplog):
+    callback = GradwatchCallback(run_dir=tmp_path / "run")
+    trainer, module = fit([callback], module=SharedByTwo())
+    assert trainer.global_step == 8 and module.losses  # the fit ran to max_steps, unwatched
+    reports = [r.getMessage() for r in caplog.records if "is not watched" in r.getMessage()]
+    assert len(reports) == 1
+    assert "optimizers #0 and #1 update parameters of one submodule" in reports[0]
+    assert callback.watchers == [] and not (tmp_path / "run").exists()
+
+
+class Failing(Tiny):
+    failing = True
+
+    def training_step(self, batch, batch_idx):
+        if self.failing and self.global_step == 3:
+            raise KeyError("the user's training_step failed")
+        return super().training_step(batch, batch_idx)
+
+
+def test_a_failed_fit_restores_the_clipping_and_leaves_nothing_watched(tmp_path):
+    callback = GradwatchCallback(run_dir=tmp_path / "run")
+    module = Failing()
+    with pytest.raises(KeyError, match="the user's training_step failed"):
+        fit([callback], module=module, gradient_clip_val=0.05)
+    assert callback.watchers == []
+    first = gw.open_run(tmp_path / "run")
+    assert first.closed and list(first.steps) == [0, 1, 2]
+    # the same module fits again, watched (it was "already watched" while the watcher leaked)
+    module.failing = False
+    fit([GradwatchCallback(run_dir=tmp_path / "again")], module=module)
+    assert list(gw.open_run(tmp_path / "again").steps) == list(range(8))
+
+
+def test_a_failed_fit_gives_the_trainer_its_clipping_back(tmp_path):
+    callback = GradwatchCallback(run_dir=tmp_path / "run")
+    torch.manual_seed(0)
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=8, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[callback],
+        gradient_clip_val=0.05,
+    )  # fmt: skip
+    data = torch.utils.data.TensorDataset(torch.randn(64, 6), torch.randint(0, 3, (64,)))
+    with pytest.raises(KeyError):
+        trainer.fit(Failing(), torch.utils.data.DataLoader(data, batch_size=8))
+    assert trainer.gradient_clip_val == 0.05
+
+
+class RecordingSink:
+    def __init__(self) -> None:
+        self.blocks, self.closes, self.after_close = 0, 0, 0
+
+    def write_block(self, block, tensors, modules) -> None:
+        self.blocks += 1
+        self.after_close += self.closes > 0
+
+    def write_findings(self, findings) -> None:
+        self.after_close += self.closes > 0
+
+    def close(self) -> None:
+        self.closes += 1
+
+
+def test_a_sink_shared_by_two_optimizers_is_closed_once_after_both(tmp_path):
+    sink = RecordingSink()
+    fit([GradwatchCallback(run_dir=tmp_path / "run", sinks=[sink])], steps=12, module=TwoNets())
+    assert sink.blocks == 2  # one flush per optimizer's watcher, at its close
+    assert sink.closes == 1 and sink.after_close == 0

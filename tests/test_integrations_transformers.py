@@ -30,6 +30,12 @@ class Tokens(torch.utils.data.Dataset):
 
 
 def fit(tmp_path, callbacks=(), accumulation=1, max_grad_norm=1.0, lr=5e-3, prepare=None):
+    trainer = trainer_for(tmp_path, callbacks, accumulation, max_grad_norm, lr, prepare)
+    trainer.train()
+    return trainer
+
+
+def trainer_for(tmp_path, callbacks=(), accumulation=1, max_grad_norm=1.0, lr=5e-3, prepare=None):
     torch.manual_seed(0)
     config = transformers.GPT2Config(
         vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=2,
@@ -44,11 +50,9 @@ def fit(tmp_path, callbacks=(), accumulation=1, max_grad_norm=1.0, lr=5e-3, prep
         logging_steps=1, report_to=[], use_cpu=True, save_strategy="no", seed=0,
         disable_tqdm=True, dataloader_num_workers=0,
     )  # fmt: skip
-    trainer = transformers.Trainer(
+    return transformers.Trainer(
         model=model, args=args, train_dataset=Tokens(), callbacks=list(callbacks)
     )
-    trainer.train()
-    return trainer
 
 
 @pytest.mark.parametrize("accumulation", [1, 2])
@@ -99,3 +103,41 @@ def test_findings_reach_the_trainers_log(tmp_path, caplog):
     found = [m for m in messages if m.startswith("gradwatch finding:")]
     assert len(found) == 1 and "nonfinite" in found[0] and "step 4" in found[0], messages
     assert [(f.kind, f.step) for f in gw.open_run(tmp_path / "run").findings] == [("nonfinite", 4)]
+
+
+class FailOnce(transformers.TrainerCallback):
+    """A callback of the user's that fails at step 3 of the first train()."""
+
+    def __init__(self) -> None:
+        self.armed = True
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.armed and state.global_step == 3:
+            self.armed = False
+            raise KeyError("a user callback failed")
+
+
+def test_the_train_after_a_failed_one_is_watched_and_restores_max_grad_norm(tmp_path, monkeypatch):
+    """The Trainer tells callbacks nothing when train() fails: the next train() closes the
+    watcher left open and gives max_grad_norm back before taking it over again."""
+    monkeypatch.chdir(tmp_path)  # the default run_dir: runs/<date-time> here
+    callback = GradwatchCallback()
+    trainer = trainer_for(tmp_path, [callback, FailOnce()])
+    with pytest.raises(KeyError, match="a user callback failed"):
+        trainer.train()
+    left_open = callback.watcher
+    assert left_open is not None and trainer.args.max_grad_norm == 0.0
+    trainer.train()  # was: "this GPT2LMHeadModel is already watched"
+    assert callback.watcher is None and trainer.args.max_grad_norm == 1.0
+    first, second = sorted((tmp_path / "runs").iterdir())
+    assert gw.open_run(first).closed and len(gw.open_run(first).steps) == 3
+    assert gw.open_run(second).closed and len(gw.open_run(second).steps) == 8
+
+
+def test_a_set_up_that_cannot_be_watched_is_reported_and_training_goes_on(tmp_path, caplog):
+    (tmp_path / "taken").write_text("a file where the run store should go")
+    callback = GradwatchCallback(run_dir=tmp_path / "taken")
+    trainer = fit(tmp_path, [callback])
+    assert trainer.state.global_step == 8 and trainer.args.max_grad_norm == 1.0
+    reports = [r.getMessage() for r in caplog.records if "is not watched" in r.getMessage()]
+    assert len(reports) == 1 and "is a file" in reports[0]

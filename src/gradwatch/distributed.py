@@ -28,6 +28,7 @@ This module imports only torch.
 from __future__ import annotations
 
 import math
+import sys
 import zlib
 from dataclasses import dataclass
 from typing import Any
@@ -42,15 +43,13 @@ try:
 except ImportError:  # pragma: no cover - builds without distributed support
     _AVAILABLE = False
 
-try:
-    from torch.distributed.tensor import DTensor, Shard
-except ImportError:  # pragma: no cover - torch without DTensor
-    DTensor, Shard = None, None
 
-try:
-    from torch.distributed.fsdp import FSDPModule
-except ImportError:  # pragma: no cover - torch without FSDP2
-    FSDPModule = None
+def _loaded(module: str, name: str) -> Any:
+    """`name` from `module` if something imported that module already, else None. No DTensor or
+    FSDP2 module exists before torch.distributed.tensor / .fsdp are imported, so gradwatch never
+    imports them itself (about 0.8 s of `import gradwatch` on 2 cores)."""
+    return getattr(sys.modules.get(module), name, None)
+
 
 # A rank above this is named as this one in non-finite flags (2^-r must stay a normal float64).
 _MAX_NAMED_RANK = 1000
@@ -119,7 +118,8 @@ class Topology:
 
 
 def is_dtensor(tensor: Any) -> bool:
-    return DTensor is not None and isinstance(tensor, DTensor)
+    dtensor = _loaded("torch.distributed.tensor", "DTensor")
+    return dtensor is not None and isinstance(tensor, dtensor)
 
 
 def local_tensor(tensor: Tensor) -> Tensor:
@@ -130,9 +130,10 @@ def local_tensor(tensor: Tensor) -> Tensor:
 def module_class(module: nn.Module) -> type[nn.Module]:
     """The user's class of a module, beneath the class `fully_shard` swaps in (FSDPLinear...)."""
     kind = type(module)
-    if FSDPModule is not None and isinstance(module, FSDPModule):
+    fsdp_module = _loaded("torch.distributed.fsdp", "FSDPModule")
+    if fsdp_module is not None and isinstance(module, fsdp_module):
         mro = kind.__mro__
-        return next(c for c in mro[mro.index(FSDPModule) + 1 :] if issubclass(c, nn.Module))
+        return next(c for c in mro[mro.index(fsdp_module) + 1 :] if issubclass(c, nn.Module))
     return kind
 
 
@@ -174,7 +175,8 @@ def topology(model: nn.Module) -> Topology:
     sharded = [p for p in params if is_dtensor(p)]
     if not sharded:
         return Topology("none", rank, world, backend, ranks)
-    if FSDPModule is None or not any(isinstance(m, FSDPModule) for m in model.modules()):
+    fsdp_module = _loaded("torch.distributed.fsdp", "FSDPModule")
+    if fsdp_module is None or not any(isinstance(m, fsdp_module) for m in model.modules()):
         raise ValueError(
             "the model has DTensor parameters but no FSDP2 module (fully_shard): tensor "
             "parallelism and other DTensor layouts are not supported yet; gradwatch supports "
@@ -186,6 +188,8 @@ def topology(model: nn.Module) -> Topology:
             "are DTensors: apply fully_shard to the root module too (fully_shard(model)), so "
             "every parameter is sharded"
         )
+    from torch.distributed.tensor import Shard  # loaded: the parameters are DTensors
+
     mesh = sharded[0].device_mesh
     for p in sharded:
         if p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
@@ -342,6 +346,8 @@ def shard_like(param: Tensor, local: Tensor) -> Tensor:
     """A tensor laid out like `param` from this rank's part: a DTensor for a sharded parameter's
     same-shaped state (Adam's moments), the local tensor otherwise."""
     if is_dtensor(param) and local.dim() > 0:
+        from torch.distributed.tensor import DTensor  # loaded: `param` is one
+
         return DTensor.from_local(
             local,
             param.device_mesh,

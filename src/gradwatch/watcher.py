@@ -55,7 +55,7 @@ from gradwatch.stats.grads import (
     combine_shards,
     global_norm,
 )
-from gradwatch.stats.hooks import Failsafe, eager_unless_traced
+from gradwatch.stats.hooks import Failsafe, eager_unless_traced, mark_eager_hooks
 from gradwatch.stats.optimizer_state import AdamEpsilon
 
 logger = logging.getLogger("gradwatch")
@@ -138,6 +138,7 @@ class Watcher:
         self._writer.write_meta(run_meta(model, optimizer, config, self.inventory, self._topology))
         self._writer.write_tensors(self.inventory.tensors)
         self._attach()
+        mark_eager_hooks()  # before any hook can run under torch.compile (imports dynamo)
         _watched_models.add(model)
         atexit.register(self._close_at_exit)
 

@@ -11,8 +11,10 @@ Lightning clips right after the closure's backward, before gradwatch could recor
 `gw.guards.ClipValue(val)` ("value") first among the guards, the same rules, applied right after
 gradwatch records the step. So `global_grad_norm` is the pre-clip total norm that
 `lightning.pytorch.utilities.grad_norm` gives in `on_before_optimizer_step`; the setting is
-restored when fitting ends. A `configure_gradient_clipping` of your own that clips without
-`gradient_clip_val` still runs before gradwatch records.
+restored when fitting ends or fails (`on_exception`), and is not touched when the fit cannot be
+watched (reported in Lightning's log; the fit goes on unwatched). A
+`configure_gradient_clipping` of your own that clips without `gradient_clip_val` still runs
+before gradwatch records.
 
 Several optimizers (a GAN's generator and discriminator, in manual optimisation): one watcher
 and one run store per optimizer, in the order `configure_optimizers` returns them, the first at
@@ -28,6 +30,7 @@ once each, and to the run store. Needs `lightning` (`pip install 'gradwatch[ligh
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -36,9 +39,10 @@ from torch import nn
 
 import gradwatch as gw
 from gradwatch.extras import optional
-from gradwatch.integrations.settings import WatchSettings
+from gradwatch.integrations.settings import WatchSettings, report_unwatched
 
 _lightning = optional("lightning.pytorch", "gradwatch's Lightning callback")
+logger = logging.getLogger("gradwatch")
 
 
 class GradwatchCallback(_lightning.Callback):
@@ -71,6 +75,19 @@ class GradwatchCallback(_lightning.Callback):
         return self.watchers[0] if self.watchers else None
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        """Watch each optimizer; a set-up gradwatch cannot watch is reported in Lightning's log
+        and the fit goes on unwatched, with its own clipping."""
+        self._finish(trainer)  # a fit that failed before left nothing open: this is a guard
+        try:
+            self.watchers = self._watch(trainer, pl_module)
+        except Exception as exc:
+            report_unwatched("lightning.pytorch", "this fit", exc)
+            return
+        self._logged_step = trainer.global_step
+        if self._clip_val is not None:
+            trainer.gradient_clip_val = None  # gradwatch clips, right after it records the step
+
+    def _watch(self, trainer: Any, pl_module: Any) -> list[gw.Watcher]:
         optimizers = list(trainer.optimizers)
         owners = [_owner(pl_module, o) if len(optimizers) > 1 else pl_module for o in optimizers]
         for i, owner in enumerate(owners):
@@ -82,16 +99,21 @@ class GradwatchCallback(_lightning.Callback):
                     )
         clipping = []
         if trainer.gradient_clip_val:
-            self._clip_val = trainer.gradient_clip_val
             algorithm = str(trainer.gradient_clip_algorithm or "norm").lower()
             clip = gw.guards.ClipValue if algorithm.endswith("value") else gw.guards.ClipNorm
-            clipping.append(clip(self._clip_val))
-            trainer.gradient_clip_val = None  # gradwatch clips, right after it records the step
-        self.watchers = [
-            self.settings.watch(owner, optimizer, "lightning.pytorch", i, clipping)
-            for i, (owner, optimizer) in enumerate(zip(owners, optimizers, strict=True))
-        ]
-        self._logged_step = trainer.global_step
+            clipping.append(clip(trainer.gradient_clip_val))
+        watchers: list[gw.Watcher] = []
+        try:
+            for i, (owner, optimizer) in enumerate(zip(owners, optimizers, strict=True)):
+                watchers.append(
+                    self.settings.watch(owner, optimizer, "lightning.pytorch", i, clipping)
+                )
+        except BaseException:
+            for watcher in watchers:
+                watcher.close()
+            raise
+        self._clip_val = trainer.gradient_clip_val or None
+        return watchers
 
     def on_train_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
@@ -105,12 +127,23 @@ class GradwatchCallback(_lightning.Callback):
                 watcher.log(loss=loss.detach())
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        self._finish(trainer)
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        """A failed fit leaves nothing changed: the clipping setting restored, the watchers
+        closed (with what they recorded), so the next fit starts clean."""
+        self._finish(trainer)
+
+    def _finish(self, trainer: Any) -> None:
         if self._clip_val is not None:
             trainer.gradient_clip_val = self._clip_val
             self._clip_val = None
-        for watcher in self.watchers:
-            watcher.close()
-        self.watchers = []
+        watchers, self.watchers = self.watchers, []
+        for watcher in watchers:
+            try:
+                watcher.close()
+            except Exception as exc:  # the fit's own outcome matters more
+                logger.error("gradwatch: closing the run %s failed: %r", watcher.run_dir, exc)
 
 
 def _owner(module: nn.Module, optimizer: Any) -> nn.Module:

@@ -7,6 +7,7 @@ import functools
 import logging
 import traceback
 from collections.abc import Callable
+from types import CodeType
 from typing import Any, TypeVar
 
 Hook = TypeVar("Hook", bound=Callable[..., Any])
@@ -77,15 +78,34 @@ def eager_unless_traced(hook: Hook) -> Hook:
     dynamo leaves alone), dynamo would compile each hook call as a separate frame, once per
     closure and per state of the probes, until it hits its recompile limit. Marking the code
     "skip, recursively" (its exec strategy; inlining ignores it) runs such calls eagerly.
-    torch versions without this API compile them as before.
+
+    Marking needs dynamo, whose import costs about 0.6 s: the code is collected here and marked
+    when the first watcher is built (`mark_eager_hooks`), before any of these hooks can run;
+    after that, at once. torch versions without this API compile them as before.
     """
+    _unmarked.add(hook.__code__)
+    if _marking:
+        mark_eager_hooks()
+    return hook
+
+
+def mark_eager_hooks() -> None:
+    """Mark the code collected by `eager_unless_traced` (imports dynamo; a watcher calls it)."""
+    global _marking
+    _marking = True
     try:
         from torch._dynamo.eval_frame import set_code_exec_strategy
         from torch._dynamo.types import FrameAction, FrameExecStrategy
     except ImportError:  # pragma: no cover - older torch
-        return hook
-    set_code_exec_strategy(hook.__code__, FrameExecStrategy(FrameAction.SKIP, FrameAction.SKIP))
-    return hook
+        _unmarked.clear()
+        return
+    for code in _unmarked:
+        set_code_exec_strategy(code, FrameExecStrategy(FrameAction.SKIP, FrameAction.SKIP))
+    _unmarked.clear()
+
+
+_unmarked: set[CodeType] = set()
+_marking = False  # True once a watcher asked: later hooks are marked as they are made
 
 
 # Every shielded hook runs the same wrapper code: keep it out of dynamo's frames once, as the

@@ -1,0 +1,47 @@
+"""`import gradwatch` costs little beyond `import torch`: distributed tensors, dynamo and the
+optional extras load only when used. Judged by which modules an import loads (in fresh
+processes), not by wall-clock time."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+HEAVY = (
+    "torch._dynamo",  # about 0.6 s on 2 cores: loaded when a watcher is built
+    "torch.distributed.tensor",  # about 0.8 s: never loaded by gradwatch itself
+    "sympy",
+    "matplotlib",
+    "tensorboard",
+    "wandb",
+    "mlflow",
+    "lightning",
+    "transformers",
+)
+
+
+def loaded_after(statement: str) -> set[str]:
+    code = f"import json, sys; {statement}; print(json.dumps(sorted(sys.modules)))"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    return set(json.loads(out.stdout.splitlines()[-1]))
+
+
+def heavy(modules: set[str]) -> set[str]:
+    return {m for m in modules if m.split(".")[0] in HEAVY or m.startswith(HEAVY)}
+
+
+def test_import_gradwatch_loads_nothing_heavy_that_import_torch_does_not():
+    baseline = heavy(loaded_after("import torch"))
+    assert heavy(loaded_after("import gradwatch")) - baseline == set()
+
+
+def test_watching_loads_dynamo_so_compiled_models_skip_the_hooks_frames():
+    modules = loaded_after(
+        "import torch, gradwatch as gw, tempfile, pathlib; "
+        "w = gw.watch(torch.nn.Linear(2, 2), run_dir=pathlib.Path(tempfile.mkdtemp()) / 'r'); "
+        "w.close()"
+    )
+    assert "torch._dynamo" in modules
