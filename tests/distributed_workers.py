@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -256,6 +257,12 @@ def scenario_bad_setup(out: Path, rank: int, world: int) -> dict:
         gw.watch(tensor_parallel, None, run_dir=out / f"tp-{rank}")
     except ValueError as exc:
         errors["tensor_parallel"] = str(exc)
+    try:
+        gw.watch(ddp(), None, run_dir=out / f"per-example-{rank}", per_example=True)
+    except ValueError as exc:
+        errors["per_example"] = str(exc)
+    errors["per_example_left"] = (out / f"per-example-{rank}").exists()
+    errors["writers"] = sum(t.name == "gradwatch-writer" for t in threading.enumerate())
     return errors
 
 

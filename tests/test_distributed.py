@@ -248,6 +248,9 @@ def test_ranks_that_disagree_fail_at_watch_on_every_rank(tmp_path):
         assert (
             "tensor parallelism and other DTensor layouts are not supported" in r["tensor_parallel"]
         )
+    for r in results:  # refused before a store or a writer thread existed
+        assert "per_example is not supported under torch.distributed" in r["per_example"]
+        assert r["per_example_left"] is False and r["writers"] == 0
 
 
 def test_report_summary_and_export_show_world_size_and_strategy(ddp_run, tmp_path, capsys):

@@ -84,13 +84,7 @@ class ProbeRecords:
             self.parts = PartialGradients(
                 model, inventory.params, device, topology.ranks, topology.world_size, shield=shield
             )
-        if config.per_example:
-            if topology.distributed:
-                raise ValueError(
-                    "per_example is not supported under torch.distributed yet (each rank sees "
-                    "only its own examples); watch without it, or compute the norms on one "
-                    "rank with gw.per_example_grad_norms"
-                )
+        if config.per_example:  # not under torch.distributed: `check_supported` refused it
             reduction = "sum" if config.per_example == "sum" else "mean"
             self.examples = ExampleProbes(model, inventory.names, reduction, shield=shield)
         self._probe = False

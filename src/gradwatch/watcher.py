@@ -27,7 +27,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gradwatch.config import WatchConfig, check_model_and_optimizer, label_guards
+from gradwatch.config import (
+    WatchConfig,
+    check_model_and_optimizer,
+    check_supported,
+    label_guards,
+)
 from gradwatch.detect.diagnosis import Diagnosis
 from gradwatch.detect.findings import Finding
 from gradwatch.detect.layout import ModelLayout
@@ -84,6 +89,7 @@ class Watcher:
     ) -> None:
         check_model_and_optimizer(unwrap(model), optimizer)
         self._topology: Topology = topology(model)
+        check_supported(config, self._topology.distributed)
         model = unwrap(model)
         if model in _watched_models:
             raise RuntimeError(
