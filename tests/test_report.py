@@ -118,6 +118,20 @@ def test_cli_report_png_and_one_line_errors(tmp_path, capsys):
         assert "Traceback" not in err
 
 
+def test_cli_lets_a_bug_keep_its_traceback(tmp_path, monkeypatch):
+    """A ValueError from gradwatch's own code is a bug, not a usage error (exit 2, one line)."""
+    from gradwatch.report import summary
+
+    train_dead_layer(tmp_path / "run", steps=5)
+
+    def broken(run_dir):
+        raise ValueError("a bug inside the summary")
+
+    monkeypatch.setattr(summary, "print_summary", broken)
+    with pytest.raises(ValueError, match="a bug inside the summary"):
+        main(["summary", str(tmp_path / "run")])
+
+
 def test_summary_prints_verdict_findings_and_worst_layers(tmp_path, capsys):
     train_dead_layer(tmp_path / "run")
     assert main(["summary", str(tmp_path / "run")]) == 0

@@ -8,6 +8,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from gradwatch.errors import InputError
+
 
 def _demo(args: argparse.Namespace) -> int:
     from gradwatch.demo import run_demo
@@ -172,7 +174,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.ERROR, format="%(message)s")
     try:
         return args.handler(args)
-    except (FileNotFoundError, ImportError, ValueError) as exc:  # a bad path or missing extra
+    # A bad path, a missing extra, bad input: one line. Anything else is a bug: its traceback.
+    except (FileNotFoundError, ImportError, InputError) as exc:
         print(f"gradwatch {args.command}: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -41,6 +41,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from gradwatch.errors import InputError
+
 STATUSES = ("ok", "mismatch", "inconclusive")
 _ROUNDING = 64 * 2.0**-52  # float64 rounding allowance, relative to the values differenced
 
@@ -299,7 +301,7 @@ def _projection_loss(output: Any, seed: int) -> Tensor:
         for t in _floating_tensors(output)
     ]
     if not terms:
-        raise ValueError("the model's output holds no floating-point tensor to differentiate")
+        raise InputError("the model's output holds no floating-point tensor to differentiate")
     return torch.stack(terms).sum()
 
 
@@ -361,7 +363,7 @@ def gradcheck(
         for h in handles:
             h.remove()
     if base.numel() != 1:
-        raise ValueError(f"loss_fn must return a scalar, got shape {tuple(base.shape)}")
+        raise InputError(f"loss_fn must return a scalar, got shape {tuple(base.shape)}")
     named = [(n, p) for n, p in checked.named_parameters() if p.requires_grad]
     grads = torch.autograd.grad(base, [p for _, p in named], allow_unused=True)
     padding = _padding_rows(checked)

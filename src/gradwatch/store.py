@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from gradwatch.detect.findings import Finding
+from gradwatch.errors import InputError
 from gradwatch.guards.base import Event
 from gradwatch.stats.attention import ATTENTION, ATTENTION_STATS
 from gradwatch.stats.buffer import PendingBlock, ProbeArray, StatsBlock
@@ -330,7 +331,7 @@ class Run:
             self._conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
             self._conn.execute("SELECT 1 FROM meta LIMIT 1")
         except sqlite3.DatabaseError as exc:
-            raise ValueError(f"{str(path)!r} is not a readable gradwatch run store: {exc}") from exc
+            raise InputError(f"{str(path)!r} is not a readable gradwatch run store: {exc}") from exc
         self.refresh()
 
     def refresh(self) -> None:
