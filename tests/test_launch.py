@@ -246,3 +246,21 @@ def test_a_failure_inside_gradwatch_leaves_the_script_its_outcome(
     run = gw.open_run(tmp_path / "run")
     assert "ZeroDivisionError" in run.meta["failed"]
     assert list(run.steps) == [0, 1, 2] and run.findings == []  # the failing step is not stored
+
+
+def test_a_module_runs_with_m_as_python_m_would(tmp_path, monkeypatch, capsys):
+    package = tmp_path / "trainpkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "train.py").write_text(TRAIN)
+    monkeypatch.chdir(tmp_path)  # python -m finds packages in the working directory
+    out = tmp_path / "losses.json"
+    code = main(["run", "--probe-every", "2", "-m", "trainpkg.train", "--steps", "3",
+                 "--out", str(out), "--exit-code", "4"])  # fmt: skip
+    assert code == 4  # its own exit code; --steps and --out were the module's
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert run_dir.name.startswith("train-")  # the module's last name
+    run = gw.open_run(run_dir)
+    assert list(run.steps) == [0, 1, 2] and run.tensors[0] == "body.0.weight"
+    np.testing.assert_allclose(run.series("loss"), json.loads(out.read_text()), rtol=1e-6)
+    assert main(["run"]) == 2 and "name a SCRIPT, or a module" in capsys.readouterr().err

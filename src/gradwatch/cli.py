@@ -85,17 +85,39 @@ def _probe_every(value: str) -> int | None:
     return None if value.lower() == "none" else int(value)
 
 
+def _module_args_last(argv: list[str]) -> list[str]:
+    """`run [options] -m MODULE ARGS...`: everything after MODULE is the module's own (as after
+    `python -m MODULE`), so a `--` goes after it. A `-m` after the script is the script's."""
+    if not argv or argv[0] != "run":
+        return argv
+    i = 1
+    while i < len(argv) and argv[i].startswith("-"):
+        if argv[i] == "-m" and i + 1 < len(argv):
+            return [*argv[: i + 2], "--", *argv[i + 2 :]]
+        i += 1 if "=" in argv[i] or argv[i] in ("-h", "--help") else 2  # options take a value
+    return argv
+
+
 def _run(args: argparse.Namespace) -> int:
-    """Run a script watched. Errors in gradwatch's options exit 2 before the script starts; the
-    script's own exceptions propagate (a traceback and exit 1, as with python SCRIPT)."""
+    """Run a script (or, with -m, a module) watched. Errors in gradwatch's options exit 2 before
+    it starts; its own exceptions propagate (a traceback and exit 1, as with python SCRIPT)."""
     from gradwatch.launch import WatchOptions, default_run_dir, run_script
 
-    if not Path(args.script).is_file():
+    if args.module:
+        target, target_args = args.module, [a for a in (args.script,) if a] + args.args
+    elif args.script is None:
+        print("gradwatch run: name a SCRIPT, or a module with -m MODULE", file=sys.stderr)
+        return 2
+    elif not Path(args.script).is_file():
         print(f"gradwatch run: no script at {args.script!r}", file=sys.stderr)
         return 2
+    else:
+        target, target_args = args.script, args.args
     try:
         options = WatchOptions(
-            run_dir=Path(args.run_dir) if args.run_dir else default_run_dir(args.script),
+            run_dir=Path(args.run_dir)
+            if args.run_dir
+            else default_run_dir(target, module=bool(args.module)),
             every=args.every,
             probe_every=args.probe_every,
             flush_every=args.flush_every,
@@ -104,7 +126,7 @@ def _run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"gradwatch run: {exc}", file=sys.stderr)
         return 2
-    return run_script(args.script, args.args, options)
+    return run_script(target, target_args, options, module=bool(args.module))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -161,14 +183,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="a guard, repeatable: zclip, autoclip, agc, skip-nonfinite, rollback, "
         "clip-norm=MAX, clip-value=MAX",
     )
-    run.add_argument("script", help="the training script")
+    run.add_argument(
+        "-m",
+        dest="module",
+        metavar="MODULE",
+        help="run a module as `python -m MODULE ARGS` would, instead of SCRIPT",
+    )
+    run.add_argument("script", nargs="?", help="the training script")
     run.add_argument("args", nargs=argparse.REMAINDER, help="the script's own arguments")
     run.set_defaults(handler=_run)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(
+        _module_args_last(list(sys.argv[1:] if argv is None else argv))
+    )
     if args.command == "run":  # the script owns logging, and its exceptions are its own
         return args.handler(args)
     logging.basicConfig(level=logging.ERROR, format="%(message)s")

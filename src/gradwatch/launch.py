@@ -27,6 +27,7 @@ from __future__ import annotations
 import builtins
 import datetime
 import logging
+import runpy
 import sys
 import types
 import weakref
@@ -96,9 +97,11 @@ class WatchOptions:
             make_guard(spec)
 
 
-def default_run_dir(script: str | Path) -> Path:
+def default_run_dir(script: str | Path, module: bool = False) -> Path:
+    """runs/<script's stem, or the module's last name>-<date-time>."""
+    name = str(script).rpartition(".")[2] if module else Path(script).stem
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{Path(script).stem}-{stamp}"
+    return Path("runs") / f"{name}-{stamp}"
 
 
 class ScriptWatcher:
@@ -239,20 +242,30 @@ class ScriptWatcher:
         return best
 
 
-def run_script(script: str | Path, script_args: Sequence[str], options: WatchOptions) -> int:
-    """Run `script` watched; close the watchers; print the findings and the reports' paths.
-    Returns the script's exit code; its exceptions propagate after the runs are closed."""
-    path = Path(script)
-    if not path.is_file():
-        raise FileNotFoundError(f"no script at {str(script)!r}")
+def run_script(
+    script: str | Path, script_args: Sequence[str], options: WatchOptions, module: bool = False
+) -> int:
+    """Run `script` (or, with `module`, the module of that name, as `python -m` does) watched;
+    close the watchers; print the findings and the reports' paths. Returns the script's exit
+    code; its exceptions propagate after the runs are closed."""
+    if module:
+        argv0, search = str(script), str(Path.cwd())  # runpy sets argv[0] to the module's file
+    else:
+        path = Path(script)
+        if not path.is_file():
+            raise FileNotFoundError(f"no script at {str(script)!r}")
+        argv0, search = str(path), str(path.resolve().parent)
     watcher = ScriptWatcher(options)
     saved_argv, saved_path = sys.argv, list(sys.path)
-    sys.argv = [str(path), *script_args]
-    sys.path.insert(0, str(path.resolve().parent))
+    sys.argv = [argv0, *script_args]
+    sys.path.insert(0, search)
     watcher.install()
     code = 0
     try:
-        _execute(path)
+        if module:
+            _SCRIPTS.append(runpy.run_module(str(script), run_name="__main__", alter_sys=True))
+        else:
+            _execute(path)
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
         if exc.code is not None and not isinstance(exc.code, int):
@@ -268,7 +281,7 @@ def run_script(script: str | Path, script_args: Sequence[str], options: WatchOpt
 # The scripts' modules, kept until the interpreter exits, as python keeps a script's globals:
 # freeing them as soon as the script returns destroyed a DDP Reducer, whose gloo process group
 # joins a thread that waits for the GIL held by the freeing thread (a hang seen under torchrun).
-_SCRIPTS: list[types.ModuleType] = []
+_SCRIPTS: list[types.ModuleType | dict[str, Any]] = []
 
 
 def _execute(path: Path) -> None:
