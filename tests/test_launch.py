@@ -264,3 +264,76 @@ def test_a_module_runs_with_m_as_python_m_would(tmp_path, monkeypatch, capsys):
     assert list(run.steps) == [0, 1, 2] and run.tensors[0] == "body.0.weight"
     np.testing.assert_allclose(run.series("loss"), json.loads(out.read_text()), rtol=1e-6)
     assert main(["run"]) == 2 and "name a SCRIPT, or a module" in capsys.readouterr().err
+
+
+LBFGS = textwrap.dedent(
+    """
+    import json, sys
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1))
+    x, y = torch.randn(32, 3), torch.randn(32, 1)
+    optimizer = torch.optim.LBFGS(net.parameters(), lr=0.5, max_iter=4)
+    norms = []
+    for step in range(3):
+        calls = []
+        def closure():
+            optimizer.zero_grad()
+            loss = nn.functional.mse_loss(net(x), y)  # the model first runs in here
+            loss.backward()
+            if not calls:  # the step's gradients: its closure's first call (gradwatch's too)
+                norms.append([p.grad.norm().item() for p in net.parameters()])
+            calls.append(1)
+            return loss
+        optimizer.step(closure)
+    json.dump(norms, open(sys.argv[1], "w"))
+    """
+)
+DIRECT_FORWARD = textwrap.dedent(
+    """
+    import json, sys
+    import torch
+    from torch import nn
+
+    class Layer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return torch.relu(self.linear.forward(x))  # no module hook sees these calls
+
+    torch.manual_seed(0)
+    layers = [Layer(), Layer()]
+    holder = nn.ModuleList(layers)
+    optimizer = torch.optim.SGD(holder.parameters(), lr=0.05)
+    norms = []
+    for step in range(4):
+        h = torch.randn(16, 4)
+        for layer in layers:
+            h = layer.forward(h)
+        loss = h.pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        norms.append([p.grad.norm().item() for p in holder.parameters()])
+        optimizer.step()
+    json.dump(norms, open(sys.argv[1], "w"))
+    """
+)
+
+
+@pytest.mark.parametrize(
+    ("source", "steps", "first_tensor"),
+    [(LBFGS, 3, "0.weight"), (DIRECT_FORWARD, 4, "0.linear.weight")],
+    ids=["lbfgs, model first called in the closure", "forward() called directly"],
+)
+def test_models_no_forward_hook_saw_are_found(tmp_path, source, steps, first_tensor):
+    script, norms = tmp_path / "train.py", tmp_path / "norms.json"
+    script.write_text(source)
+    command = ["run", "--run-dir", str(tmp_path / "run"), str(script), str(norms)]
+    assert main(command) == 0
+    run = gw.open_run(tmp_path / "run")
+    assert list(run.steps) == list(range(steps)) and run.tensors[0] == first_tensor
+    np.testing.assert_allclose(run.series("grad_norm"), json.loads(norms.read_text()), rtol=1e-5)

@@ -26,12 +26,13 @@ from __future__ import annotations
 
 import builtins
 import datetime
+import gc
 import logging
 import runpy
 import sys
 import types
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -230,16 +231,33 @@ class ScriptWatcher:
             watcher.log(loss=self._loss)  # the watcher's own post-hook has counted the step
 
     def _model_of(self, optimizer: torch.optim.Optimizer) -> nn.Module | None:
+        """The model `optimizer` trains: the outermost module called in forward that holds its
+        parameters; when no module was called yet (its first forward runs inside an LBFGS
+        closure) or none is called through its hooks (`.forward()` called directly), the live
+        module that holds most of them (`holding`)."""
         params = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        best, best_count = None, 0
-        for ref in self._roots:
-            module = ref()
-            if module is None:
-                continue
-            count = sum(id(p) in params for p in module.parameters())
-            if count > best_count:
-                best, best_count = module, count
-        return best
+        roots = [module for ref in self._roots if (module := ref()) is not None]
+        return holding(params, roots) or holding(params, live_modules())
+
+
+def live_modules() -> list[nn.Module]:
+    """Every nn.Module alive in the process (a walk of the garbage collector's objects: once per
+    optimizer or model that gradwatch run could not find otherwise)."""
+    return [o for o in gc.get_objects() if isinstance(o, nn.Module)]
+
+
+def holding(params: set[int], modules: Iterable[nn.Module]) -> nn.Module | None:
+    """Of `modules`, the one that holds most of `params` (ids), and of those the one with the
+    fewest other parameters (the model itself, not a container around it); None when none
+    holds any."""
+    best, best_key = None, (0, 0)
+    for module in modules:
+        ids = [id(p) for p in module.parameters()]
+        held = sum(i in params for i in ids)
+        key = (held, -(len(ids) - held))
+        if held and key > best_key:
+            best, best_key = module, key
+    return best
 
 
 def run_script(
