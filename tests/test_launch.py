@@ -337,3 +337,45 @@ def test_models_no_forward_hook_saw_are_found(tmp_path, source, steps, first_ten
     run = gw.open_run(tmp_path / "run")
     assert list(run.steps) == list(range(steps)) and run.tensors[0] == first_tensor
     np.testing.assert_allclose(run.series("grad_norm"), json.loads(norms.read_text()), rtol=1e-5)
+
+
+MANUAL = textwrap.dedent(
+    """
+    import json, sys
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 1))
+    lr, norms = 0.05, []
+    for step in range(12):
+        x = torch.randn(32, 5)
+        loss = nn.functional.mse_loss(model(x), x[:, :1] * 2)
+        loss.backward()
+        norms.append([p.grad.norm().item() for p in model.parameters()])
+        if sys.argv[2] == "data":  # word_language_model's update
+            for p in model.parameters():
+                p.data.add_(p.grad, alpha=-lr)
+            model.zero_grad()
+        else:  # the regression example's
+            with torch.no_grad():
+                for p in model.parameters():
+                    p -= lr * p.grad
+                    p.grad.zero_()
+    json.dump(norms, open(sys.argv[1], "w"))
+    """
+)
+
+
+@pytest.mark.parametrize("update", ["data", "no_grad"])
+def test_training_without_torch_optim_is_watched_one_step_per_backward(tmp_path, update):
+    script, norms = tmp_path / "train.py", tmp_path / "norms.json"
+    script.write_text(MANUAL)
+    command = ["run", "--run-dir", str(tmp_path / "run"), "--probe-every", "2", str(script),
+               str(norms), update]  # fmt: skip
+    assert main(command) == 0
+    run = gw.open_run(tmp_path / "run")
+    assert list(run.steps) == list(range(12)) and run.tensors[0] == "0.weight"
+    np.testing.assert_allclose(run.series("grad_norm"), json.loads(norms.read_text()), rtol=1e-5)
+    ratios = run.series("update_ratio")[2::2, 0]  # probe steps after the first: it moved
+    assert (ratios > 0).all() and np.isfinite(run.series("loss")).all()

@@ -31,6 +31,7 @@ import logging
 import runpy
 import sys
 import types
+import warnings
 import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -122,6 +123,9 @@ class ScriptWatcher:
         self._forward_handles: list[Any] = []
         self.rank = 0  # the global rank, read at the first optimizer step
         self.optimizers_seen = 0
+        self._manual: gw.Watcher | None = None  # the model a script trains without torch.optim
+        self._manual_decided = False
+        self._in_backward = False
         # Its own hooks run in the script's training: a failure in them is reported, not raised.
         self._failsafe = Failsafe("gradwatch run's model discovery")
 
@@ -136,11 +140,22 @@ class ScriptWatcher:
             register_optimizer_step_pre_hook(shield(self._before_step)),
             register_optimizer_step_post_hook(shield(self._after_step)),
         ]
-        backward, capture = self._backward, shield(self._capture_loss)
+        backward = self._backward
+        before, after = shield(self._before_backward), shield(self._after_backward)
 
         def capturing_backward(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-            capture(tensor)
-            return backward(tensor, *args, **kwargs)
+            # Under a torch-function mode (the attention probes') backward dispatches through
+            # the mode, which calls Tensor.backward, this function, again: once is the call.
+            if self._in_backward:
+                return backward(tensor, *args, **kwargs)
+            self._in_backward = True
+            try:
+                before(tensor)
+                result = backward(tensor, *args, **kwargs)
+            finally:
+                self._in_backward = False
+            after(tensor)
+            return result
 
         torch.Tensor.backward = capturing_backward  # type: ignore[method-assign]
         if self._destroy is not None:
@@ -171,9 +186,61 @@ class ScriptWatcher:
         return self.watchers
 
     # ---- hooks ---------------------------------------------------------------------------------
-    def _capture_loss(self, tensor: torch.Tensor) -> None:
-        if tensor.numel() == 1:
-            self._loss = tensor.detach()
+    def _before_backward(self, tensor: torch.Tensor) -> None:
+        """A scalar's backward is a loss's: stored as `loss`; the first one also tells whether
+        the script trains without torch.optim (`_watch_manual_training`)."""
+        if tensor.numel() != 1:
+            return
+        self._loss = tensor.detach()
+        if not self._manual_decided:
+            self._watch_manual_training(tensor)
+
+    def _after_backward(self, tensor: torch.Tensor) -> None:
+        """Training by hand: each loss's backward is a step (its gradients are complete now;
+        the script applies them after)."""
+        if self._manual is not None and tensor.numel() == 1:
+            self._manual.log(loss=tensor.detach())
+            self._manual.step()
+
+    def _watch_manual_training(self, loss: torch.Tensor) -> None:
+        """At the first loss's backward: if no live optimizer holds any of the parameters the
+        loss reaches, the script updates them by hand (`p.data.add_(p.grad, alpha=-lr)`):
+        watch the model that holds them, without an optimizer, one step per backward."""
+        reached = reached_parameters(loss)
+        if not reached:
+            return  # a loss of no parameter: decide at the next one
+        self._manual_decided = True
+        optimized = {
+            id(p)
+            for optimizer in live(torch.optim.Optimizer)
+            for group in optimizer.param_groups
+            for p in group["params"]
+        }
+        if any(i in optimized for i in reached):
+            return  # an optimizer trains them: watched at its first step
+        roots = [module for ref in self._roots if (module := ref()) is not None]
+        model = holding(set(reached), roots) or holding(set(reached), live(nn.Module))
+        if model is None:
+            logger.warning("gradwatch run: the loss reaches parameters of no module; not watched")
+            return
+        if self.options.guards:
+            logger.warning(
+                "gradwatch run: guards act inside optimizer.step(); this script updates its "
+                "parameters by hand, so --guard is ignored"
+            )
+        options = self.options
+        try:
+            self._manual = gw.watch(
+                model,
+                run_dir=optimizer_run_dir(options.run_dir, len(self.watchers)),
+                every=options.every,
+                probe_every=options.probe_every,
+                flush_every=options.flush_every,
+            )
+        except Exception as exc:
+            logger.warning("gradwatch run: the model trained by hand is not watched: %s", exc)
+            return
+        self.watchers.append(self._manual)
 
     def _enter(self, module: nn.Module, args: Any) -> None:
         if self._depth == 0 and not any(ref() is module for ref in self._roots):
@@ -237,13 +304,34 @@ class ScriptWatcher:
         module that holds most of them (`holding`)."""
         params = {id(p) for group in optimizer.param_groups for p in group["params"]}
         roots = [module for ref in self._roots if (module := ref()) is not None]
-        return holding(params, roots) or holding(params, live_modules())
+        return holding(params, roots) or holding(params, live(nn.Module))
 
 
-def live_modules() -> list[nn.Module]:
-    """Every nn.Module alive in the process (a walk of the garbage collector's objects: once per
-    optimizer or model that gradwatch run could not find otherwise)."""
-    return [o for o in gc.get_objects() if isinstance(o, nn.Module)]
+def reached_parameters(loss: torch.Tensor) -> dict[int, torch.Tensor]:
+    """The leaf tensors that require grad and that `loss`'s autograd graph reaches (its
+    AccumulateGrad nodes), by id. A walk over the graph's nodes on the host: no data, no sync."""
+    found: dict[int, torch.Tensor] = {}
+    seen: set[Any] = set()
+    stack = [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)
+        if isinstance(variable, torch.Tensor):
+            found[id(variable)] = variable
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return found
+
+
+def live(kind: type[Any]) -> list[Any]:
+    """Every object of `kind` alive in the process: a walk of the garbage collector's objects,
+    once per decision gradwatch run cannot make otherwise. (isinstance on some lazily
+    deprecated torch objects warns: not the script's concern.)"""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return [o for o in gc.get_objects() if isinstance(o, kind)]
 
 
 def holding(params: set[int], modules: Iterable[nn.Module]) -> nn.Module | None:
