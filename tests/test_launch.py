@@ -379,3 +379,34 @@ def test_training_without_torch_optim_is_watched_one_step_per_backward(tmp_path,
     np.testing.assert_allclose(run.series("grad_norm"), json.loads(norms.read_text()), rtol=1e-5)
     ratios = run.series("update_ratio")[2::2, 0]  # probe steps after the first: it moved
     assert (ratios > 0).all() and np.isfinite(run.series("loss")).all()
+
+
+FROZEN_OPTIMIZER = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    backbone, head = nn.Sequential(nn.Linear(6, 16), nn.ReLU()), nn.Linear(16, 3)
+    model = nn.Sequential(backbone, head)
+    backbone.requires_grad_(False)
+    optimizer = torch.optim.SGD(backbone.parameters(), lr=0.1)  # the bug: the frozen part
+    for step in range(60):
+        loss = nn.functional.cross_entropy(model(torch.randn(8, 6)), torch.randint(0, 3, (8,)))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    print("trained")
+    """
+)
+
+
+def test_an_optimizer_of_frozen_parameters_is_watched_not_crashed(tmp_path, capfd):
+    """It used to raise `the optimizer holds none of the model's parameters` out of the script's
+    optimizer.step() (exit 1); now the script runs as it would, and the bug is named."""
+    script = tmp_path / "train.py"
+    script.write_text(FROZEN_OPTIMIZER)
+    assert main(["run", "--run-dir", str(tmp_path / "run"), str(script)]) == 0
+    assert "trained" in capfd.readouterr().out
+    run = gw.open_run(tmp_path / "run")
+    assert [(f.kind, f.layer) for f in run.findings] == [("not_updated", "1")]

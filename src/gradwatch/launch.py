@@ -203,26 +203,28 @@ class ScriptWatcher:
             self._manual.step()
 
     def _watch_manual_training(self, loss: torch.Tensor) -> None:
-        """At the first loss's backward: if no live optimizer holds any of the parameters the
-        loss reaches, the script updates them by hand (`p.data.add_(p.grad, alpha=-lr)`):
-        watch the model that holds them, without an optimizer, one step per backward."""
+        """At the first loss's backward: if no live optimizer holds any parameter of the model
+        that holds the parameters the loss reaches (frozen ones included: an optimizer built
+        from the frozen part is `not_updated`'s), the script updates them by hand
+        (`p.data.add_(p.grad, alpha=-lr)`): watch that model without an optimizer, one step per
+        backward."""
         reached = reached_parameters(loss)
         if not reached:
             return  # a loss of no parameter: decide at the next one
         self._manual_decided = True
+        roots = [module for ref in self._roots if (module := ref()) is not None]
+        model = holding(set(reached), roots) or holding(set(reached), live(nn.Module))
+        if model is None:
+            logger.warning("gradwatch run: the loss reaches parameters of no module; not watched")
+            return
         optimized = {
             id(p)
             for optimizer in live(torch.optim.Optimizer)
             for group in optimizer.param_groups
             for p in group["params"]
         }
-        if any(i in optimized for i in reached):
-            return  # an optimizer trains them: watched at its first step
-        roots = [module for ref in self._roots if (module := ref()) is not None]
-        model = holding(set(reached), roots) or holding(set(reached), live(nn.Module))
-        if model is None:
-            logger.warning("gradwatch run: the loss reaches parameters of no module; not watched")
-            return
+        if any(id(p) in optimized for p in model.parameters()):
+            return  # an optimizer holds this model's parameters (frozen ones too): its step
         if self.options.guards:
             logger.warning(
                 "gradwatch run: guards act inside optimizer.step(); this script updates its "
