@@ -25,8 +25,8 @@ class WatchConfig:
         `grad_nonfinite`, `param_norm`, `update_ratio` and the module statistics: one copy of the
         parameters held during `optimizer.step()`, about five more passes, and a tensor hook and
         a few reductions per probed module. None turns probe steps off.
-    flush_every: recorded steps per block. Device memory: flush_every x (tensors x 8 + modules x
-        10) x 4 bytes; one device-to-host copy and one committed database transaction per block. A
+    flush_every: recorded steps per block. Device memory: flush_every x (tensors x 12 + modules x
+        11) x 4 bytes; one device-to-host copy and one committed database transaction per block. A
         killed process loses at most the steps since the last flush.
     histogram_every: every `histogram_every`-th probe step (counted in probe steps: the first
         one, then every n-th) also counts the histograms `grad_hist` and `act_hist` (see

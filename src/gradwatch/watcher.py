@@ -509,7 +509,10 @@ class Watcher:
         if self._block_steps and self._block_steps[-1] == self._step:
             self._block_steps.pop()  # the failing step's row is half written: not stored
         try:
-            self._writer.write_meta({"failed": f"{self._failsafe.where}: {error!r}"})
+            first_line = str(error).splitlines()[0][:300] if str(error) else ""
+            self._writer.write_meta(
+                {"failed": f"{self._failsafe.where}: {type(error).__name__}: {first_line}"}
+            )
             self.close()
         except Exception as exc:
             logger.error("gradwatch: closing the run after that failure failed too: %r", exc)
