@@ -187,18 +187,7 @@ def test_report_of_a_large_run_stays_small(tmp_path):
 def test_logged_scalars_are_the_users_not_gradwatchs_own(tmp_path):
     """gradwatch's probe-step scalars (logits, inputs, per-example norms, noise scale) have
     charts of their own: the "logged scalars" chart keeps room for the loss."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-    with gw.watch(model, optimizer, run_dir=tmp_path / "run", per_example=True) as w:
-        for _ in range(25):
-            loss = nn.functional.cross_entropy(
-                model(torch.randn(16, 6)), torch.randint(0, 3, (16,))
-            )
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            w.log(loss=loss)
+    train_dead_layer(tmp_path / "run", steps=25, per_example=True)
     data = ReportData(tmp_path / "run")
     assert {"logit_lse", "input_rms_max", "pe_total_max", "gns_batch"} <= set(data.scalar_names)
     assert data.user_scalars == ["loss"]
