@@ -44,6 +44,8 @@ SPIKE_Z = 6.0
 SPIKE_MIN_RATIO = 3.0
 # spike: a candidate is confirmed when the next this-many recorded norms have come back.
 SPIKE_CONFIRM = 5
+# spike: the steps of this many spikes are kept (and shown); the count goes on.
+SPIKE_STEPS_KEPT = 50
 
 Memory = dict[str, Any]
 
@@ -459,7 +461,9 @@ def spike(block: StatsBlock, layout: ModelLayout, memory: Memory) -> list[Findin
     if not found:
         return []
     memory["count"] = memory.get("count", 0) + len(found)
-    memory.setdefault("steps", []).extend(c["step"] for c in found)
+    steps = memory.setdefault("steps", [])  # the first SPIKE_STEPS_KEPT, as the evidence shows
+    steps.extend(c["step"] for c in found)
+    del steps[SPIKE_STEPS_KEPT:]
     worst = max(found, key=lambda c: c["ratio"])
     top = worst["leader"]
     return [
@@ -479,7 +483,7 @@ def spike(block: StatsBlock, layout: ModelLayout, memory: Memory) -> list[Findin
             ),
             evidence={
                 "count": memory["count"],
-                "steps": memory["steps"][:50],
+                "steps": memory["steps"],
                 "largest_ratio": worst["ratio"],
                 "largest_step": worst["step"],
                 "leading_tensor": top,
