@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-import threading
-
 import pytest
 import torch
 from ci_skips import (  # noqa: F401 - pytest finds hooks by name here
@@ -31,26 +29,3 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, dtype=torch.f
     loss.backward()
     optimizer.step()
     return loss
-
-
-class HostSyncError(AssertionError):
-    pass
-
-
-@pytest.fixture
-def forbid_host_sync(monkeypatch):
-    """Make every host-syncing Tensor method raise when called from the training thread."""
-    main = threading.main_thread()
-
-    def forbid(name):
-        original = getattr(torch.Tensor, name)
-
-        def guarded(self, *args, **kwargs):
-            if threading.current_thread() is main:
-                raise HostSyncError(f"Tensor.{name} called in the step path")
-            return original(self, *args, **kwargs)
-
-        monkeypatch.setattr(torch.Tensor, name, guarded)
-
-    for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__"):
-        forbid(name)

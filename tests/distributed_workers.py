@@ -1,7 +1,8 @@
 """Training scenarios run by every rank of the multi-process tests (`test_distributed.py`).
 
 `python distributed_workers.py SCENARIO OUT RANK WORLD` joins a gloo process group through a file
-in OUT, runs the scenario and saves what the test checks as OUT/<scenario>-rank<RANK>.json. The
+in OUT, runs the scenario under the sync sentinel and saves what the test checks (the host syncs
+in gradwatch's code included) as OUT/<scenario>-rank<RANK>.json. The
 same model and data functions give the single-process references in the test itself.
 """
 
@@ -16,12 +17,16 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from sync_sentinel import SyncSentinel
 from torch import nn
 
 import gradwatch as gw
 
 GLOBAL_BATCH = 8
 STEPS = 5
+# Host syncs made by gradwatch's code in the training steps of every `train()` of this process:
+# the flushes' collectives, the guards' all-reduces and the FSDP2 shard combination included.
+SYNC_SITES: dict[str, str] = {}
 
 
 def make_model() -> nn.Sequential:
@@ -108,7 +113,7 @@ def train(
     last), each loss divided by their number. one_batch trains on the first batch at every step.
     """
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
-    with gw.watch(
+    w = gw.watch(
         model,
         optimizer,
         run_dir=run_dir,
@@ -116,7 +121,8 @@ def train(
         flush_every=3,
         histogram_every=1,
         guards=list(guards),
-    ) as w:
+    )
+    with SyncSentinel() as sentinel, w:  # the steps and close()'s flush; not watch()
         data = batches(steps)
         for step, (x, y) in enumerate([data[0]] * steps if one_batch else data):
             x, y = shard_of_batch(x, rank, world), shard_of_batch(y, rank, world)
@@ -148,6 +154,7 @@ def train(
                 grad[0, 0] = float("nan")
             optimizer.step()
             w.log(loss=total)
+    SYNC_SITES.update(sentinel.sites)
     return w
 
 
@@ -277,6 +284,7 @@ def main() -> None:
     )
     try:
         result = SCENARIOS[scenario](out, rank, world)
+        result["sync_sites"] = SYNC_SITES
         (out / f"{scenario}-rank{rank}.json").write_text(json.dumps(result))
     finally:
         dist.destroy_process_group()

@@ -238,6 +238,17 @@ def test_fsdp2_rollback_restores_every_ranks_shards_together(fsdp2_run, tmp_path
     assert (event.kind, event.step, event.detail["restored_step"]) == ("rollback", 3, 2)
 
 
+@pytest.mark.parametrize("strategy", ["ddp_run", "fsdp2_run"])
+def test_no_host_sync_in_distributed_steps_and_flushes(strategy, request):
+    """Every rank ran every scenario (probes, histograms, recurrent and attention probes, the
+    noise scale from ranks, flushes, clipping guards) under the sync sentinel: gradwatch's code
+    made no host sync; SkipNonFinite and Rollback decide on the host, on marked lines."""
+    _, results = request.getfixturevalue(strategy)
+    for rank, result in enumerate(results):
+        sites = "\n".join(f"{site}: {what}" for site, what in result["sync_sites"].items())
+        assert not sites, f"rank {rank} synced in gradwatch's code:\n{sites}"
+
+
 def test_ranks_that_disagree_fail_at_watch_on_every_rank(tmp_path):
     results = launch("bad_setup", tmp_path)
     for r in results:

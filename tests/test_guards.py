@@ -325,18 +325,6 @@ def test_guard_state_round_trips_mid_run(tmp_path):
     assert second.steps[0] == 30  # the step counter resumed too
 
 
-def test_clipping_guards_make_no_host_sync(tmp_path, forbid_host_sync):
-    model = small_mlp()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    guards = [ClipNorm(1.0), ClipValue(0.5), AGC(), AutoClip(), ZClip(warmup=3)]
-    with gw.watch(model, optimizer, run_dir=tmp_path / "run", guards=guards):
-        for step in range(8):
-            backward(model, seed=step)
-            optimizer.step()
-            optimizer.zero_grad()
-    assert len(gw.open_run(tmp_path / "run").steps) == 8
-
-
 @pytest.mark.parametrize(
     ("make", "error", "match"),
     [

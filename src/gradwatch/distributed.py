@@ -36,6 +36,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from gradwatch.stats.device import constant, to_device
+
 try:
     import torch.distributed as dist
 
@@ -293,18 +295,21 @@ def check_same_block(topo: Topology, rows: int, first_step: int, names: tuple[st
     One MAX all-reduce of a 6-number header. Returns the union of the scalar names over the ranks
     (in rank order, then first use) when they differ; raises when the steps differ, which would
     mean ranks left the common schedule (e.g. `Watcher.flush()` called on some ranks only).
+
+    The one host sync of a distributed run's flush (every `flush_every` steps): the collectives
+    that combine the block need the same shapes on every rank, decided on the host first.
     """
     code = float(zlib.crc32("\0".join(names).encode()))
-    header = torch.tensor(
-        [rows, first_step, code, -rows, -first_step, -code], dtype=torch.float64, device=device
-    )
+    header = to_device([rows, first_step, code, -rows, -first_step, -code], device, torch.float64)
     topo.ranks.max(header)
-    if header[0] != -header[3] or header[1] != -header[4]:
+    # host sync: the ranks agree on the block's shape before the collectives that combine it
+    top_rows, top_first, top_code, minus_low_rows, minus_low_first, minus_low_code = header.tolist()
+    if top_rows != -minus_low_rows or top_first != -minus_low_first:
         raise RuntimeError(
             f"ranks flushed different steps (this rank: {rows} steps from step {first_step}): "
             "call Watcher.flush(), log() and close() on every rank alike"
         )
-    if header[2] == -header[5]:
+    if top_code == -minus_low_code:
         return names
     every: list[Any] = [None] * topo.world_size
     dist.all_gather_object(every, list(names))
@@ -327,18 +332,18 @@ def mean_over_ranks(
     steps = block.shape[0]
     values = torch.full((steps, len(union)), torch.nan, dtype=torch.float64, device=block.device)
     if names:
-        values[:, [union.index(n) for n in names]] = block.double()
+        columns = constant(tuple(union.index(n) for n in names), block.device, torch.long)
+        values.index_copy_(1, columns, block.double())
     squared = [i for i, n in enumerate(union) if n in norms and topo.sharded]
-    if squared:
-        values[:, squared] = values[:, squared].square()
+    for i in squared:  # Python ints index without a copy to the device
+        values[:, i] = values[:, i].square()
     recorded = ~torch.isnan(values)
     packed = torch.stack([torch.where(recorded, values, 0.0), recorded.double()])
     topo.ranks.sum(packed)
     total, count = packed
     combined = torch.where(count > 0, total / count, torch.nan)
-    if squared:
-        combined[:, squared] = torch.where(count[:, squared] > 0, total[:, squared], torch.nan)
-        combined[:, squared] = combined[:, squared].sqrt()
+    for i in squared:
+        combined[:, i] = torch.where(count[:, i] > 0, total[:, i], torch.nan).sqrt()
     return combined.float()
 
 

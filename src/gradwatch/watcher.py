@@ -51,6 +51,7 @@ from gradwatch.probe_records import ProbeRecords
 from gradwatch.run_start import fingerprint, open_store, run_meta
 from gradwatch.sinks.base import Sink
 from gradwatch.stats.buffer import BlockBuffer, PendingBlock, StatsBlock
+from gradwatch.stats.device import to_device
 from gradwatch.stats.flow import MODULE_STATS, ModuleProbes, combine_flags
 from gradwatch.stats.grads import (
     ADAM_EPS_FRAC,
@@ -529,7 +530,7 @@ class Watcher:
         probes = self._module_probes
         called = set(probes.forward_order)
         order = probes.forward_order + [c for c in range(len(probes.names)) if c not in called]
-        self._module_order = torch.tensor(order, dtype=torch.long, device=self.inventory.device)
+        self._module_order = to_device(order, self.inventory.device, torch.long)
         modules = [probes.names[c] for c in order]
         self._writer.write_modules([(probes.names[c], probes.types[c]) for c in order])
         layout = ModelLayout(

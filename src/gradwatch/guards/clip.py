@@ -25,7 +25,7 @@ def _positive(name: str, value: float) -> float:
     return float(value)
 
 
-def _clip_to(ctx: GuardContext, label: str, norm: Tensor, threshold: Tensor) -> None:
+def _clip_to(ctx: GuardContext, label: str, norm: Tensor, threshold: Tensor | float) -> None:
     """Scale the gradients so their norm is at most `threshold`; record norm and scale.
 
     The scale is exactly 1 for a norm within the threshold (no event), else threshold / (norm +
@@ -61,7 +61,7 @@ class ClipNorm(Guard):
         self.label = "ClipNorm"
 
     def apply(self, ctx: GuardContext) -> None:
-        _clip_to(ctx, self.label, self._total_norm(ctx), torch.tensor(self.max_norm))
+        _clip_to(ctx, self.label, self._total_norm(ctx), self.max_norm)
 
     def _total_norm(self, ctx: GuardContext) -> Tensor:
         if self.norm_type == 2.0:

@@ -178,9 +178,12 @@ class Rollback(Guard):
     def _diagnose(self, ctx: GuardContext) -> str | None:
         loss = ctx.loss if ctx.step != self._ignore_loss_at else None
         norm = ctx.current_norm().float()
-        loss_value = torch.as_tensor(math.nan if loss is None else loss).detach()
-        loss_value = loss_value.double().reshape(()).to(norm.device)
-        logged = torch.tensor(0.0 if loss is None else 1.0, dtype=torch.float64, device=norm.device)
+        if isinstance(loss, Tensor):  # the logged loss, still on the device
+            loss_value = loss.detach().double().reshape(()).to(norm.device)
+        else:  # a Python number, or none logged: a fill, no copy
+            loss_value = torch.full((), math.nan if loss is None else loss, device=norm.device)
+            loss_value = loss_value.double()
+        logged = torch.full((), float(loss is not None), dtype=torch.float64, device=norm.device)
         # Summed over ranks: how many ranks have non-finite gradients, the loss total, how many
         # ranks logged one and how many of those losses are non-finite.
         packed = torch.stack(

@@ -54,6 +54,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
 from gradwatch.distributed import LOCAL, Reduction, lowest_rank, module_class, rank_code
+from gradwatch.stats.device import to_device
 from gradwatch.stats.histograms import act_histogram, bins
 from gradwatch.stats.hooks import Shield, eager_unless_traced, unshielded
 from gradwatch.stats.through_time import TIME_STATS
@@ -358,13 +359,18 @@ class ModuleProbes:
         dead = torch.full((len(self._modules),), torch.nan, dtype=fired.dtype, device=fired.device)
         if not columns:
             return dead
-        if self._segments is None or self._segments[0] != columns:
-            index = torch.tensor(columns, device=fired.device)
-            sizes = torch.tensor([len(self._fired[c]) for c in columns], device=fired.device)
-            self._segments = (columns, index, torch.repeat_interleave(index, sizes), sizes)
+        if self._segments is None or self._segments[0] != columns:  # the probed set changed
+            sizes = [len(self._fired[c]) for c in columns]
+            owner = torch.tensor(columns).repeat_interleave(torch.tensor(sizes))  # host data: lists
+            self._segments = (
+                columns,
+                to_device(columns, fired.device),
+                to_device(owner, fired.device),
+                to_device(sizes, fired.device, dead.dtype),
+            )
         _, index, owner, sizes = self._segments
         counts = torch.zeros_like(dead).index_add_(0, owner, fired.eq(0).to(dead.dtype))
-        return dead.index_copy_(0, index, counts[index] / sizes.to(dead.dtype))
+        return dead.index_copy_(0, index, counts[index] / sizes)
 
     def _reset(self, probe: bool) -> None:
         self._sums.zero_()

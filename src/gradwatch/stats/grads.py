@@ -51,6 +51,7 @@ from torch import Tensor, nn
 
 from gradwatch.distributed import Reduction, local_tensor
 from gradwatch.inventory import Inventory
+from gradwatch.stats.device import constant
 from gradwatch.stats.histograms import bins, grad_histograms
 
 TENSOR_STATS: tuple[str, ...] = (
@@ -150,7 +151,6 @@ class GradStatistics:
     def __init__(self, inventory: Inventory, sharded: bool = False) -> None:
         self.inventory = inventory
         self.sharded = sharded
-        self._index_cache: dict[tuple[torch.device, tuple[int, ...]], Tensor] = {}
         self._absent: dict[tuple[int, ...], tuple[int, ...]] = {}
 
     def present(self) -> list[PresentGroup]:
@@ -189,7 +189,7 @@ class GradStatistics:
             if probe:
                 columns += [max_abs(group.grads), nonfinite_counts(group.grads)]
             values = torch.stack(columns, dim=1).to(row.device, non_blocking=True)
-            index = self._index(group.index, row.device)
+            index = constant(group.index, row.device, torch.long)
             row[:, GRAD_NORM : GRAD_NORM + len(columns)].index_copy_(0, index, values)
             if probe and not self.sharded:
                 spreads = row_spreads(self._params(group.params)).to(row.device)
@@ -213,17 +213,17 @@ class GradStatistics:
             absent = tuple(i for i in range(len(self.inventory.tensors)) if i not in kept)
             self._absent = {have: absent}
         if absent:
-            row[:, GRAD_NONE].index_fill_(0, self._index(absent, row.device), 1.0)
+            row[:, GRAD_NONE].index_fill_(0, constant(absent, row.device, torch.long), 1.0)
 
     def histograms(self, present: list[PresentGroup], device: torch.device) -> Tensor:
         """`grad_hist` counts [tensors, bins] on `device` (see `histograms.py`), float64; NaN rows
         for tensors without a gradient. Sharded, this rank's shards' counts (summed over the
         shard group by the caller). Probe steps; no host sync."""
-        counts = torch.full((len(self.inventory.tensors), bins("grad_hist")), torch.nan)
-        counts = counts.to(device=device, dtype=torch.float64)
+        shape = (len(self.inventory.tensors), bins("grad_hist"))
+        counts = torch.full(shape, torch.nan, dtype=torch.float64, device=device)
         for group in present:
             values = grad_histograms(group.grads).to(device, non_blocking=True)
-            counts.index_copy_(0, self._index(group.index, device), values)
+            counts.index_copy_(0, constant(group.index, device, torch.long), values)
         return counts
 
     def snapshot_params(self) -> list[list[Tensor]]:
@@ -246,21 +246,13 @@ class GradStatistics:
                 ratios = torch.where(before_norms > 0, l2_norms(before) / before_norms, torch.nan)
             values = torch.stack([before_norms, ratios], dim=1).to(row.device, non_blocking=True)
             row[:, PARAM_NORM : UPDATE_RATIO + 1].index_copy_(
-                0, self._index(group.index, row.device), values
+                0, constant(group.index, row.device, torch.long), values
             )
 
     def _params(self, params: tuple[nn.Parameter, ...]) -> list[Tensor]:
         if self.sharded:
             return [local_tensor(p.detach()) for p in params]
         return [p.detach() for p in params]
-
-    def _index(self, index: tuple[int, ...], device: torch.device) -> Tensor:
-        key = (device, index)
-        cached = self._index_cache.get(key)
-        if cached is None:
-            cached = torch.tensor(index, dtype=torch.long, device=device)
-            self._index_cache[key] = cached
-        return cached
 
 
 def global_norm(partial: Tensor, shards: Reduction) -> Tensor:
@@ -279,9 +271,11 @@ def combine_shards(data: Tensor, shards: Reduction) -> Tensor:
     statistic not recorded at a step (the same on every rank) and stays NaN; a shard whose max is
     NaN (it holds a NaN) makes the combined max +inf (the non-finite count tells how many).
     """
-    norms = data[:, :, [GRAD_NORM, GRAD_NONFINITE, PARAM_NORM, UPDATE_RATIO, ADAM_EPS_FRAC]]
-    norms = norms.double()
-    norms[:, :, [0, 2, 3]] = norms[:, :, [0, 2, 3]].square()
+    # Index tensors made once (a Python list as an index is copied to the device at each use).
+    summed = (GRAD_NORM, GRAD_NONFINITE, PARAM_NORM, UPDATE_RATIO, ADAM_EPS_FRAC)
+    norms = data.index_select(2, constant(summed, data.device, torch.long)).double()
+    squared = constant((0, 2, 3), data.device, torch.long)
+    norms.index_copy_(2, squared, norms.index_select(2, squared).square())
     shards.sum(norms)
     grad_norm, counts = norms[:, :, 0].sqrt(), norms[:, :, 1]
     data[:, :, ADAM_EPS_FRAC] = norms[:, :, 4].float()

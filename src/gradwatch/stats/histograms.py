@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from gradwatch.stats.device import constant
+
 # log10|g| edges: zeros, tiny, 4 bins per decade over [1e-24, 1e4), large.
 GRAD_HIST_EDGES: np.ndarray = np.concatenate(
     [[-np.inf, -45.0], np.arange(-24.0, 4.0 + 0.125, 0.25), [np.inf]]
@@ -88,7 +90,7 @@ _ACT_BIN = np.where(
     np.where(_NEGATIVE, 21 - _HALF_DECADE, 21 + _HALF_DECADE),
 )
 _ACT_BIN[0] = 21  # zeros (and what underflows log10) sit in the middle bin
-_TO_BIN: dict[tuple[str, torch.device], Tensor] = {}  # the tables above, per device
+_TO_BIN = {"grad_hist": tuple(_GRAD_BIN.tolist()), "act_hist": tuple(_ACT_BIN.tolist())}
 
 
 def act_bins(values: Tensor) -> Tensor:
@@ -140,12 +142,10 @@ def _count_wide(index: Tensor) -> Tensor:
 def _collapse(wide_counts: Tensor, name: str) -> Tensor:
     """Wide-index counts [rows, _NONFINITE + 1] summed into histogram `name`'s bins [rows,
     bins] (the dropped entries' bin left out)."""
-    key = (name, wide_counts.device)
-    if key not in _TO_BIN:
-        table = _GRAD_BIN if name == "grad_hist" else _ACT_BIN
-        _TO_BIN[key] = torch.as_tensor(table, device=wide_counts.device)
-    counts = torch.zeros(len(wide_counts), bins(name) + 1, dtype=torch.float64)
-    return counts.to(wide_counts.device).index_add_(1, _TO_BIN[key], wide_counts)[:, :-1]
+    device = wide_counts.device
+    to_bin = constant(_TO_BIN[name], device, torch.long)
+    counts = torch.zeros(len(wide_counts), bins(name) + 1, dtype=torch.float64, device=device)
+    return counts.index_add_(1, to_bin, wide_counts)[:, :-1]
 
 
 def _chunks(tensors: list[Tensor]) -> list[list[Tensor]]:

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from gradwatch.distributed import local_tensor
 from gradwatch.inventory import Inventory
+from gradwatch.stats.device import constant
 
 EPS_FACTOR = 10.0
 
@@ -37,7 +38,6 @@ class AdamEpsilon:
     def __init__(self, optimizer: torch.optim.Optimizer, inventory: Inventory) -> None:
         self.optimizer = optimizer
         self._index = {id(p): i for i, p in enumerate(inventory.params)}
-        self._positions: dict[tuple[int, ...], Tensor] = {}
 
     def shares(self, device: torch.device) -> tuple[Tensor, Tensor] | None:
         """(inventory indices, shares) of the tensors with Adam state, on `device`; None when
@@ -58,9 +58,7 @@ class AdamEpsilon:
         if not index:
             return None
         key = tuple(index)
-        if key not in self._positions:  # made once: no copy to the device at every probe step
-            self._positions = {key: torch.tensor(index, device=device)}
-        return self._positions[key], torch.stack([s.to(device) for s in shares])
+        return constant(key, device, torch.long), torch.stack([s.to(device) for s in shares])
 
 
 def _share_below(
@@ -73,6 +71,6 @@ def _share_below(
     if isinstance(step, Tensor) and step.device.type != "cpu":  # capturable / fused: stay there
         correction: Tensor | float = 1 - beta2 ** step.to(v.device, torch.float64)
     else:
-        correction = 1 - beta2 ** float(step)
+        correction = 1 - beta2 ** float(step)  # host data: the step counter is on the CPU
     below = (v < (EPS_FACTOR * eps) ** 2 * correction) & (v > 0)
     return below.sum().float() / param.numel()

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from gradwatch.stats.device import constant
 from gradwatch.stats.flow import first_tensor
 from gradwatch.stats.ghost_norms import (
     Call,
@@ -383,7 +384,7 @@ class ExampleStatistics:
                 rows.append(None)
                 continue
             if probs is None:
-                probs = torch.tensor([0.5, 0.95], device=squares.device)
+                probs = constant((0.5, 0.95), squares.device, squares.dtype)
             norms = squares.sqrt()
             rows.append(torch.cat([torch.quantile(norms, probs), norms.max().reshape(1)]))
         device = next((r.device for r in rows if r is not None), torch.device("cpu"))

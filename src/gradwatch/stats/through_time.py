@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
 from gradwatch.distributed import LOCAL, Reduction
+from gradwatch.stats.device import constant, to_device
 from gradwatch.stats.hooks import Shield, eager_unless_traced, unshielded
 
 # Positions of the stored profile; longer sequences are pooled into buckets of consecutive steps.
@@ -135,7 +136,8 @@ class TimeProbes:
                 return None
             if isinstance(x, PackedSequence):
                 data = _alias(x.data)
-                data.register_hook(self.shield(self._packed_recorder(index, x.batch_sizes)))
+                recorder = self._packed_recorder(index, x.batch_sizes, data.device)
+                data.register_hook(self.shield(recorder))
                 x = x._replace(data=data)
             else:
                 x = _alias(x)
@@ -158,22 +160,24 @@ class TimeProbes:
 
         return record
 
-    def _packed_recorder(self, index: int, batch_sizes: Tensor) -> Callable[[Tensor], None]:
-        steps = torch.repeat_interleave(torch.arange(len(batch_sizes)), batch_sizes)
-
+    def _packed_recorder(
+        self, index: int, batch_sizes: Tensor, device: torch.device
+    ) -> Callable[[Tensor], None]:
+        # A PackedSequence keeps its batch sizes on the host: the time step of each packed row
+        # is worked out there, and copied to the device asynchronously.
+        steps = torch.arange(len(batch_sizes)).repeat_interleave(batch_sizes)  # host data: CPU
+        steps = to_device(steps, device)
         position = self._position(index, len(batch_sizes))
 
         def record(grad: Tensor) -> None:
             rows = torch.linalg.vector_norm(grad, dim=1, dtype=torch.float32).square()
-            squares = torch.zeros(len(batch_sizes), device=grad.device).index_add_(
-                0, steps.to(grad.device), rows
-            )
+            squares = torch.zeros(len(batch_sizes), device=grad.device).index_add_(0, steps, rows)
             self._add(index, squares, position)
 
         return record
 
     def _step_recorder(self, index: int, step: int) -> Callable[[Tensor], None]:
-        position = torch.tensor([step], device=self.device)
+        position = self._position(index, TIME_POINTS)[step : step + 1]  # a view: no copy
 
         def record(grad: Tensor) -> None:
             squares = torch.linalg.vector_norm(grad, dtype=torch.float32).square().reshape(1)
@@ -203,7 +207,7 @@ class TimeProbes:
         totals = self.ranks.sum(self._squares.clone())
         self._squares.zero_()
         profile = torch.where(totals[:, 1] > 0, totals[:, 0].sqrt() / self.world_size, torch.nan)
-        bucket = torch.tensor(self._bucket, dtype=profile.dtype, device=profile.device)
+        bucket = constant(tuple(self._bucket), profile.device, profile.dtype)
         self._bucket = [1] * len(self._modules)
         row[cells] = time_summary(profile, bucket).to(row)
         return profile
