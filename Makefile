@@ -29,8 +29,16 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
+# Regenerates every file in benchmarks/results/ from the current code, each stamped with the
+# commit and the machine (about an hour on 2 CPU cores). One file: run its script alone.
 bench: $(STAMP)
 	$(PY) benchmarks/overhead.py
+	$(PY) benchmarks/overhead.py --compile
+	$(PY) benchmarks/probes.py
+	$(PY) benchmarks/guards.py
+	$(PY) benchmarks/per_example.py
+	$(PY) benchmarks/distributed.py
+	$(PY) benchmarks/report_size.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .ruff_cache

@@ -35,6 +35,7 @@ from overhead import (
     measure,
     plain,
 )
+from results_file import write_results
 from workloads import WORKLOADS, Workload
 
 from gradwatch.distributed import local_tensor
@@ -102,7 +103,8 @@ def rank_main(args: argparse.Namespace) -> None:
         f"torch {torch.__version__})\n\n"
         f"Command: `python benchmarks/distributed.py --rounds {args.rounds} --steps {args.steps}"
         f" --strategies {' '.join(args.strategies)} --workloads {' '.join(args.workloads)}`. "
-        "Rank 0's medians (and means) of per-step times over interleaved rounds; each rank "
+        "Rank 0's total run times and median steps over interleaved rounds (see overhead.py); "
+        "each rank "
         "trains on its own batch of the workload's size. DDP wraps the model; FSDP2 applies "
         "fully_shard to each transformer layer, each other Linear/Conv and the root. The floor "
         "reads this rank's gradients once (its shards under FSDP2). Allocator thresholds fixed "
@@ -110,9 +112,7 @@ def rank_main(args: argparse.Namespace) -> None:
     )
     table = format_table(results, header)
     print(table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(table)
-    print(f"written to {args.out}", file=sys.stderr)
+    write_results(args.out, table)
 
 
 def launch(args: argparse.Namespace) -> int:
@@ -136,9 +136,7 @@ def main() -> int:
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument(
-        "--out", type=Path, default=Path(__file__).parent / "results" / "distributed-cpu.md"
-    )
+    parser.add_argument("--out", default="distributed-cpu.md", help="under benchmarks/results/")
     parser.add_argument("--rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--rendezvous", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()

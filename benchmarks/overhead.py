@@ -1,12 +1,14 @@
-"""Step-time overhead of gradwatch on the three benchmark workloads, against the floors.
+"""What gradwatch costs a user on the three benchmark workloads: the total time of a run.
 
-Variants run interleaved in one process (their order rotates each round), each round timing
-`--steps` consecutive steps per variant; the table gives the median step time and its ratio to
-plain training, and the mean step time's ratio: the median is a typical step (with probe_every=10
-nine steps in ten are not probe steps), the mean also carries the probe steps' and flushes' extra
-cost spread over all steps (and more of the machine's noise). The floors are what any gradient
-monitor must pay: one `torch._foreach_norm` over all gradients, and `clip_grad_norm_` (a norm pass
-plus a scaling pass), as the core issue asks.
+Variants run interleaved in one process (their order rotates each round); each round times one
+whole run of `--steps` steps per variant, from its set-up to its close: gw.watch(), the probe
+steps, the histogram steps, the flushes and close() with its last flush, as a user pays them.
+The table gives each run's total time (mean and spread over the rounds), its ratio to plain
+training (mean, min and max of the per-round ratios: the runs of one round ran back to back),
+and the median step as a second column (a typical step: nine in ten are not probe steps). The
+floors are what any gradient monitor must pay: one `torch._foreach_norm` over all gradients, and
+`clip_grad_norm_` (a norm pass plus a scaling pass). guards.py, probes.py, per_example.py and
+distributed.py measure with the same functions.
 
     python benchmarks/overhead.py                 # CPU, all workloads -> results/overhead-cpu.md
     python benchmarks/overhead.py --device cuda   # -> results/overhead-cuda.md
@@ -27,12 +29,13 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from results_file import write_results
 from workloads import WORKLOADS, Workload
 
 import gradwatch as gw
@@ -67,21 +70,18 @@ def clip_grad_norm_floor(work: Workload, tmp: Path) -> Iterator[Stepper]:
 
 
 def gradwatch_variant(
-    module_hooks: bool = True,
     attention: bool = True,
     guards: Callable[[], list] = list,
     **kwargs: object,
 ) -> Variant:
-    """gw.watch with `kwargs` and fresh `guards()` each round; module_hooks=False removes the
-    forward hooks that flag non-finite outputs, attention=False the attention and logit probes
-    (measurements of their cost only: private API, not user settings)."""
+    """gw.watch with `kwargs` and fresh `guards()` each run; attention=False removes the
+    attention and logit probes (a measurement of their cost only: private API, not a user
+    setting)."""
 
     @contextlib.contextmanager
     def variant(work: Workload, tmp: Path) -> Iterator[Stepper]:
         run_dir = Path(tempfile.mkdtemp(dir=tmp)) / "run"
         with gw.watch(work.model, work.optimizer, run_dir=run_dir, guards=guards(), **kwargs) as w:
-            if not module_hooks:
-                w._module_probes.detach()
             if not attention:
                 w._probe_records.attention.detach()
             work.log = w.log  # type: ignore[attr-defined]
@@ -112,56 +112,74 @@ VARIANTS: dict[str, Variant] = {
     "plain": plain,
     "floor: foreach_norm": foreach_norm_floor,
     "floor: clip_grad_norm_": clip_grad_norm_floor,
-    "gradwatch grad stats only (no module hooks)": gradwatch_variant(False, probe_every=None),
-    "gradwatch stats + non-finite flags (probe_every=None)": gradwatch_variant(probe_every=None),
-    "gradwatch default (probe_every=10)": gradwatch_variant(),
+    "gradwatch defaults": gradwatch_variant(),
+    "gradwatch, histograms off": gradwatch_variant(histogram_every=None),
+    "gradwatch, probes off": gradwatch_variant(probe_every=None),
 }
 COMPILED_VARIANTS: dict[str, Variant] = {
     "compiled plain": plain,
     "floor: foreach_norm": foreach_norm_floor,
-    "compiled, gradwatch default (probe_every=10)": watched_twin_variant(),
+    "compiled, gradwatch defaults": watched_twin_variant(),
 }
 
 
-def time_steps(stepper: Stepper, steps: int) -> list[float]:
-    work, between = stepper.work, stepper.between
+@dataclass
+class Timing:
+    """One variant's measurements: the total time of each round's run (watch(), every step and
+    close() with its flush: what a user pays) and every step's time."""
+
+    totals: list[float] = field(default_factory=list)
+    steps: list[float] = field(default_factory=list)
+
+
+def run_once(variant: Variant, work: Workload, tmp: Path, steps: int, timing: Timing | None):
+    """One run of `steps` steps under `variant`, from its set-up to its close; recorded in
+    `timing` (None: a warm-up)."""
     sync = torch.cuda.synchronize if work.inputs.is_cuda else (lambda: None)
-    log = getattr(work, "log", None)
-    times = []
-    for _ in range(steps):
-        sync()
-        start = time.perf_counter()
-        loss = work.step(between)
-        if log is not None:
-            log(loss=loss)
-        sync()
-        times.append(time.perf_counter() - start)
-    return times
+    sync()
+    start = time.perf_counter()
+    with variant(work, tmp) as stepper:
+        log = getattr(stepper.work, "log", None)
+        for _ in range(steps):
+            begun = time.perf_counter()
+            loss = stepper.work.step(stepper.between)
+            if log is not None:
+                log(loss=loss)
+            if timing is not None:
+                sync()
+                timing.steps.append(time.perf_counter() - begun)
+    sync()
+    if timing is not None:
+        timing.totals.append(time.perf_counter() - start)
 
 
 def measure(
     work: Workload, variants: dict[str, Variant], rounds: int, steps: int, tmp: Path
-) -> dict[str, tuple[float, float] | str]:
-    """(median, mean) step time (s) of each variant over `rounds` interleaved rounds of `steps`
-    steps; for a variant that cannot run the workload, its error (it is not tried again)."""
-    samples: dict[str, list[float]] = {name: [] for name in variants}
+) -> dict[str, Timing | str]:
+    """Each variant's `Timing` over `rounds` interleaved rounds (one run of `steps` steps per
+    variant and round, the order rotating), after a warm-up run of 3 steps each; for a variant
+    that cannot run the workload, its error (it is not tried again)."""
+    timings: dict[str, Timing] = {name: Timing() for name in variants}
     failed: dict[str, str] = {}
     names = list(variants)
-    for r in range(rounds):
+    for r in range(-1, rounds):
         for name in names[r % len(names) :] + names[: r % len(names)]:
             if name in failed:
                 continue
             try:
-                with variants[name](work, tmp) as stepper:
-                    time_steps(stepper, 3)  # warm-up, untimed
-                    samples[name] += time_steps(stepper, steps)
+                warm_up = r < 0
+                run_once(
+                    variants[name],
+                    work,
+                    tmp,
+                    3 if warm_up else steps,
+                    None if warm_up else timings[name],
+                )
             except Exception as exc:  # a peer that does not support the workload
                 failed[name] = f"fails: {type(exc).__name__}: {str(exc)[:80]}"
-        print(f"  {work.name}: round {r + 1}/{rounds}", file=sys.stderr, flush=True)
-    return {
-        name: failed.get(name) or (statistics.median(ts), statistics.fmean(ts))
-        for name, ts in samples.items()
-    }
+        if r >= 0:
+            print(f"  {work.name}: round {r + 1}/{rounds}", file=sys.stderr, flush=True)
+    return {name: failed.get(name) or timing for name, timing in timings.items()}
 
 
 # glibc's dynamic mmap threshold makes the same training step jump between allocation regimes
@@ -198,8 +216,10 @@ def run_benchmark(
     if compiled_variants is not None:
         parser.add_argument("--compile", action="store_true", help="torch.compile the forward")
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
-    parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--steps", type=int, default=60, help="timed steps per variant and round")
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument(
+        "--steps", type=int, default=100, help="steps of each run (one run per variant and round)"
+    )
     parser.add_argument(
         "--variants",
         nargs="+",
@@ -207,7 +227,7 @@ def run_benchmark(
         default=None,
         help="time only these variants (the first is the baseline); default: all",
     )
-    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--out", default=None, help="file name under benchmarks/results/")
     args = parser.parse_args()
     compiled = getattr(args, "compile", False)
     if compiled:
@@ -245,37 +265,45 @@ def run_benchmark(
             else f"Allocator thresholds fixed ({_MALLOC_TEXT}) so ratios do not jump between "
             "allocation regimes. "
         )
-        + f"Medians (and means) of per-step times over {args.rounds} interleaved rounds "
-        f"of {args.steps} steps per variant (order rotating each round); the floors read every "
-        "gradient once (foreach_norm) or norm-and-scale them (clip_grad_norm_). flush_every=50, "
-        "so rounds include flushes."
+        + f"Each of {args.rounds} interleaved rounds (order rotating) times one whole run of "
+        f"{args.steps} steps per variant: set-up, every step (probe steps, histogram steps, "
+        "flushes) and close() with its last flush, i.e. what a user pays; after one untimed "
+        "warm-up run each. The median step is the typical step. The floors read every gradient "
+        "once (foreach_norm) or norm-and-scale them (clip_grad_norm_)."
+        + (
+            " Compiled: the watched twin is watched once for the whole benchmark (a fresh "
+            "watcher per run would recompile), so its close() is not timed."
+            if compiled
+            else ""
+        )
     )
     table = format_table(results, header)
     print(table)
     suffix = ("-default-malloc" if args.default_malloc else "") + ("-compile" if compiled else "")
-    out = args.out or Path(__file__).parent / "results" / f"{name}-{device.type}{suffix}.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(table)
-    print(f"written to {out}", file=sys.stderr)
+    write_results(args.out or f"{name}-{device.type}{suffix}.md", table)
 
 
-def format_table(results: dict[str, dict[str, tuple[float, float] | str]], header: str) -> str:
+def format_table(results: dict[str, dict[str, Timing | str]], header: str) -> str:
     lines = [
         header,
         "",
-        "| workload | variant | median step (ms) | ratio to the first variant | mean step, ratio |",
-        "|---|---|---:|---:|---:|",
+        "| workload | variant | run total (s), mean ± sd | total vs first variant, mean "
+        "[min, max] over rounds | median step (ms) | median step vs first |",
+        "|---|---|---:|---:|---:|---:|",
     ]
-    for workload, times in results.items():
-        base_median, base_mean = next(iter(times.values()))
-        for name, measured in times.items():
-            if isinstance(measured, str):
-                lines.append(f"| {workload} | {name} | {measured} | | |")
+    for workload, timings in results.items():
+        base = next(iter(timings.values()))
+        for name, timing in timings.items():
+            if isinstance(timing, str) or isinstance(base, str):
+                lines.append(f"| {workload} | {name} | {timing} | | | |")
                 continue
-            median, mean = measured
+            ratios = [t / b for t, b in zip(timing.totals, base.totals, strict=True)]
+            spread = statistics.stdev(timing.totals) if len(timing.totals) > 1 else 0.0
+            median = statistics.median(timing.steps)
             lines.append(
-                f"| {workload} | {name} | {median * 1e3:.2f} | {median / base_median:.3f} "
-                f"| {mean / base_mean:.3f} |"
+                f"| {workload} | {name} | {statistics.fmean(timing.totals):.2f} ± {spread:.2f} "
+                f"| {statistics.fmean(ratios):.3f} [{min(ratios):.3f}, {max(ratios):.3f}] "
+                f"| {median * 1e3:.2f} | {median / statistics.median(base.steps):.3f} |"
             )
     return "\n".join(lines) + "\n"
 

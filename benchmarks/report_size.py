@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+from results_file import write_results
 from synthetic_run import synthetic_run
 
 import gradwatch as gw
@@ -47,9 +48,7 @@ def main() -> None:
         f"{store / 1e6:.0f} MB | {times[len(times) // 2]:.1f} s | {size / 1e6:.2f} MB |\n"
     ).replace("{n}", str(args.repeats))
     print(table)
-    out = Path(__file__).parent / "results" / "report-cpu.md"
-    out.write_text(table)
-    print(f"written to {out}", file=sys.stderr)
+    write_results("report-cpu.md", table)
 
 
 if __name__ == "__main__":

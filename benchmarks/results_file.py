@@ -1,0 +1,60 @@
+"""Results files: each is stamped with the commit and the machine that produced it, so a number
+quoted from one can be traced to the code it measured."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(
+            ["git", *args], capture_output=True, text=True, check=True, cwd=RESULTS.parent
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def provenance() -> str:
+    """'Commit ..., date; machine: ...' for the current checkout and this machine."""
+    commit = _git("rev-parse", "--short", "HEAD") or "unknown (not a git checkout)"
+    changed = _git("status", "--porcelain", "--", ".", ":!benchmarks/results")
+    if changed:
+        commit += " with uncommitted changes"
+    machine = f"{_cpu_model()}, {os.cpu_count()} cores, {platform.system()}"
+    if torch.cuda.is_available():
+        machine += f", {torch.cuda.get_device_name()}"
+    today = datetime.date.today().isoformat()
+    return (
+        f"Commit {commit}, {today}; machine: {machine}; Python {platform.python_version()}, "
+        f"torch {torch.__version__}."
+    )
+
+
+def write_results(name: str, table: str) -> Path:
+    """Write `table` (its first line the title) to results/`name`, with the stamp under the
+    title; print where."""
+    title, _, rest = table.partition("\n")
+    out = RESULTS / name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(f"{title}\n\n{provenance()}\n{rest}")
+    print(f"written to {out}", flush=True)
+    return out
