@@ -103,6 +103,7 @@ def train(
     spike_at: int | None = None,
     micro_batches: int = 1,
     one_batch: bool = False,
+    rank_scalars: bool = False,
 ) -> gw.Watcher:
     """Train `model` on this rank's part of the global batches under gw.watch and close it.
 
@@ -111,6 +112,7 @@ def train(
     by 50 at that step on every rank (a gradient spike for the clipping guards). micro_batches > 1
     accumulates gradients over that many parts of the rank's batch (DDP: under no_sync but the
     last), each loss divided by their number. one_batch trains on the first batch at every step.
+    rank_scalars also logs `rank_value` (the rank) and a scalar of this rank only, `only_<rank>`.
     """
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     w = gw.watch(
@@ -154,6 +156,8 @@ def train(
                 grad[0, 0] = float("nan")
             optimizer.step()
             w.log(loss=total)
+            if rank_scalars:
+                w.log(rank_value=float(rank), **{f"only_{rank}": torch.tensor(rank + 1.0)})
     SYNC_SITES.update(sentinel.sites)
     return w
 
@@ -202,6 +206,7 @@ def scenario_ddp(out: Path, rank: int, world: int) -> dict:
     train(nn.parallel.DistributedDataParallel(make_recurrent()), out / "ddp-rnn", rank, world)
     train(nn.parallel.DistributedDataParallel(make_attentive()), out / "ddp-attn", rank, world)
     train(ddp(), out / "ddp-noise", rank, world, steps=12, lr=0.0, one_batch=True)
+    train(ddp(), out / "ddp-names", rank, world, rank_scalars=True)
     result["own_dir_exists"] = (out / f"ddp-rank{rank}").exists()
     w = train(ddp(), out / "ddp-nan-input", rank, world, poison_input=(2, 1))
     result["findings"] = [(f.kind, f.layer, f.step, f.evidence) for f in w.findings()]

@@ -238,6 +238,47 @@ def test_fsdp2_rollback_restores_every_ranks_shards_together(fsdp2_run, tmp_path
     assert (event.kind, event.step, event.detail["restored_step"]) == ("rollback", 3, 2)
 
 
+def test_ranks_may_log_different_scalars(ddp_run):
+    """Names logged on some ranks only are gathered with the values: each scalar is the mean
+    over the ranks that logged it."""
+    out, _ = ddp_run
+    run = gw.open_run(out / "ddp-names")
+    assert {"rank_value", "only_0", "only_1"} <= set(run.scalar_names)
+    np.testing.assert_array_equal(run.series("rank_value"), 0.5)
+    np.testing.assert_array_equal(run.series("only_0"), 1.0)
+    np.testing.assert_array_equal(run.series("only_1"), 2.0)
+    assert len(run.steps) == 5
+
+
+def test_flushes_of_different_steps_are_refused_on_every_rank():
+    """The check each rank makes on the gathered (rows, first step) of the previous flush."""
+    from gradwatch.distributed import check_flushed_alike
+
+    check_flushed_alike(np.array([[3.0, 0.0], [3.0, 0.0]]), 3, 0)
+    with pytest.raises(RuntimeError, match="ranks flushed different steps"):
+        check_flushed_alike(np.array([[3.0, 0.0], [2.0, 0.0]]), 3, 0)
+
+
+def test_gathered_scalar_names_survive_the_bytes_and_combine_by_name():
+    """What the writer does with the gathered scalars (no processes needed): names as bytes,
+    a name longer than NAME_BYTES kept whole for this rank's own, norm parts under fsdp2."""
+    from gradwatch.distributed import (
+        GATHERED_SCALARS,
+        combine_gathered_scalars,
+        encode_names,
+    )
+
+    long = "x" * 300
+    own, other = ("global_grad_norm", long, "loss"), ("global_grad_norm", "loss", "b")
+    names = np.stack([np.frombuffer(encode_names(n), dtype=np.uint8) for n in (own, other)])
+    values = np.full((2, 1, GATHERED_SCALARS), np.nan, dtype=np.float32)
+    values[0, 0, :3] = [3.0, 7.0, 1.0]
+    values[1, 0, :3] = [4.0, 3.0, 5.0]
+    union, data = combine_gathered_scalars(values, names, own, {"global_grad_norm"}, True)
+    assert union == ("global_grad_norm", long, "loss", "b")
+    np.testing.assert_allclose(data[0], [5.0, 7.0, 2.0, 5.0])  # √(3² + 4²); means otherwise
+
+
 @pytest.mark.parametrize("strategy", ["ddp_run", "fsdp2_run"])
 def test_no_host_sync_in_distributed_steps_and_flushes(strategy, request):
     """Every rank ran every scenario (probes, histograms, recurrent and attention probes, the

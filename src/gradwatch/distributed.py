@@ -14,15 +14,19 @@ What is combined, and when (W = world size, r = rank):
   ‖θ‖ = √Σ_r‖θ_r‖², ‖Δθ‖ likewise; one f64 SUM and one MAX all-reduce of the block.
 - module statistics (every data-parallel strategy), per probe step: one SUM all-reduce of the
   per-module moments and per-unit counts (see `stats/flow.py`).
-- non-finite flags and logged scalars, at flush: in the same SUM all-reduce; a flag is sent as
-  2^-r, so the sum names the lowest rank whose output held NaN/Inf; scalars become the mean over
-  the ranks that logged them.
+- non-finite flags, at flush: in the module statistics' SUM all-reduce; a flag is sent as 2^-r,
+  so the sum names the lowest rank whose output held NaN/Inf.
+- logged scalars, at flush: gathered from every rank with their names (bytes on the device) and
+  combined on the host by the writer: the mean over the ranks that logged them.
+- the flush itself: every collective covers the buffers' whole capacity (`flush_every` rows), so
+  its shapes are the same on every rank whatever each flushes; each rank's (rows, first step) is
+  gathered and compared on the host at the next flush, when its copy has long arrived.
 - guard decisions, per step, only for guards that need them (a global norm under fsdp2, "any rank
   non-finite" for SkipNonFinite and Rollback).
 
 Every collective here is issued by all ranks at the same point of the same step (the schedule is
 checked to be equal on all ranks at `watch()`), so ranks never wait for one another forever.
-This module imports only torch.
+This module imports only torch (and numpy, for the host side of the scalars).
 """
 
 from __future__ import annotations
@@ -30,13 +34,13 @@ from __future__ import annotations
 import math
 import sys
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
-
-from gradwatch.stats.device import constant, to_device
 
 try:
     import torch.distributed as dist
@@ -76,6 +80,15 @@ class Reduction:
         if self.active:
             dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.group)
         return tensor
+
+    def gather(self, tensor: Tensor) -> Tensor:
+        """[group size, *tensor.shape]: `tensor` of every rank, in rank order (one all-gather);
+        [1, *shape] where inactive."""
+        if not self.active:
+            return tensor[None]
+        out = tensor.new_empty((dist.get_world_size(self.group), *tensor.shape))
+        dist.all_gather(list(out.unbind(0)), tensor.contiguous(), group=self.group)
+        return out
 
 
 LOCAL = Reduction()
@@ -289,62 +302,77 @@ def lowest_rank(codes: Tensor) -> Tensor:
     return torch.where(codes > 0, torch.ceil(-torch.log2(codes)), torch.nan)
 
 
-def check_same_block(topo: Topology, rows: int, first_step: int, names: tuple[str, ...], device):
-    """Before a flush's collectives: do all ranks flush the same steps with the same scalar names?
+def flush_header(rows: int, first_step: int, device: torch.device) -> Tensor:
+    """[rows, first_step] of this rank's flush, float64 on `device`: gathered from every rank and
+    checked on the host at the next flush (`check_flushed_alike`). Made by fills: no copy."""
+    header = torch.full((2,), float(rows), dtype=torch.float64, device=device)
+    header[1] = float(first_step)  # a Python number: filled on the device
+    return header
 
-    One MAX all-reduce of a 6-number header. Returns the union of the scalar names over the ranks
-    (in rank order, then first use) when they differ; raises when the steps differ, which would
-    mean ranks left the common schedule (e.g. `Watcher.flush()` called on some ranks only).
 
-    The one host sync of a distributed run's flush (every `flush_every` steps): the collectives
-    that combine the block need the same shapes on every rank, decided on the host first.
-    """
-    code = float(zlib.crc32("\0".join(names).encode()))
-    header = to_device([rows, first_step, code, -rows, -first_step, -code], device, torch.float64)
-    topo.ranks.max(header)
-    # host sync: the ranks agree on the block's shape before the collectives that combine it
-    top_rows, top_first, top_code, minus_low_rows, minus_low_first, minus_low_code = header.tolist()
-    if top_rows != -minus_low_rows or top_first != -minus_low_first:
+def check_flushed_alike(headers: np.ndarray, rows: int, first_step: int) -> None:
+    """Raise when the gathered `headers` [world, 2] of a flush differ: ranks left the common
+    schedule (e.g. `Watcher.flush()` called on some ranks only). Every rank holds the same
+    headers, so every rank raises at the same point."""
+    if (headers != headers[0]).any():
         raise RuntimeError(
             f"ranks flushed different steps (this rank: {rows} steps from step {first_step}): "
             "call Watcher.flush(), log() and close() on every rank alike"
         )
-    if top_code == -minus_low_code:
-        return names
-    every: list[Any] = [None] * topo.world_size
-    dist.all_gather_object(every, list(names))
-    union: dict[str, None] = {}
-    for rank_names in every:
-        union.update(dict.fromkeys(rank_names))
-    return tuple(union)
 
 
-def mean_over_ranks(
-    block: Tensor, names: tuple[str, ...], union: tuple[str, ...], topo: Topology, norms: set[str]
-) -> Tensor:
-    """Per-step scalars [steps, len(names)] of this rank → [steps, len(union)] for the whole run,
-    with one f64 SUM all-reduce.
+# Logged scalars at a distributed flush are gathered from every rank with their names, encoded
+# as bytes, and combined by name on the host by the writer: the ranks need not agree on their
+# names before the collective, so the flush makes no host sync.
+GATHERED_SCALARS = 256  # scalar names per rank at most (more are kept on this rank only)
+NAME_BYTES = 128
 
-    A scalar becomes the mean over the ranks that recorded it at that step (NaN where none did):
-    `w.log(loss=...)` on every rank stores the mean loss. Scalars in `norms` are per-shard norm
-    parts (the global gradient norm under fsdp2) and combine as √Σ_r x_r².
-    """
-    steps = block.shape[0]
-    values = torch.full((steps, len(union)), torch.nan, dtype=torch.float64, device=block.device)
-    if names:
-        columns = constant(tuple(union.index(n) for n in names), block.device, torch.long)
-        values.index_copy_(1, columns, block.double())
-    squared = [i for i, n in enumerate(union) if n in norms and topo.sharded]
-    for i in squared:  # Python ints index without a copy to the device
-        values[:, i] = values[:, i].square()
-    recorded = ~torch.isnan(values)
-    packed = torch.stack([torch.where(recorded, values, 0.0), recorded.double()])
-    topo.ranks.sum(packed)
-    total, count = packed
-    combined = torch.where(count > 0, total / count, torch.nan)
-    for i in squared:
-        combined[:, i] = torch.where(count[:, i] > 0, total[:, i], torch.nan).sqrt()
-    return combined.float()
+
+def encode_names(names: Sequence[str]) -> bytes:
+    """The first GATHERED_SCALARS names as rows of NAME_BYTES bytes (UTF-8, zero-padded); a
+    longer name keeps its head and '#' + its crc32 in hex, so it stays unique."""
+    rows = bytearray(GATHERED_SCALARS * NAME_BYTES)
+    for i, name in enumerate(names[:GATHERED_SCALARS]):
+        raw = _short(name).encode()
+        rows[i * NAME_BYTES : i * NAME_BYTES + len(raw)] = raw
+    return bytes(rows)
+
+
+def _short(name: str) -> str:
+    raw = name.encode()
+    if len(raw) <= NAME_BYTES:
+        return name
+    head = raw[: NAME_BYTES - 9].decode(errors="ignore")
+    return f"{head}#{zlib.crc32(raw):08x}"
+
+
+def combine_gathered_scalars(
+    values: np.ndarray, names: np.ndarray, own: tuple[str, ...], norms: set[str], sharded: bool
+) -> tuple[tuple[str, ...], np.ndarray]:
+    """The scalars of a flush over all ranks, on the host: `values` [world, rows,
+    GATHERED_SCALARS] and `names` [world, GATHERED_SCALARS * NAME_BYTES] (uint8) as gathered,
+    `own` this rank's names. Returns the union of the names (in rank order, then first use) and
+    [rows, len(union)]: each scalar's mean over the ranks that recorded it at a step (NaN where
+    none did), except `norms` under fsdp2, per-shard norm parts that combine as √Σ_r x_r²."""
+    full = {_short(n): n for n in own}
+    columns: dict[str, list[np.ndarray]] = {}
+    for rank_values, raw in zip(values, names, strict=True):
+        for i, row in enumerate(raw.reshape(GATHERED_SCALARS, NAME_BYTES)):
+            name = bytes(row).rstrip(b"\0").decode(errors="replace")
+            if name:
+                columns.setdefault(full.get(name, name), []).append(rank_values[:, i])
+    union = tuple(columns)
+    out = np.full((values.shape[1], len(union)), np.nan, dtype=np.float32)
+    for j, name in enumerate(union):
+        stacked = np.stack(columns[name]).astype(np.float64)
+        recorded = ~np.isnan(stacked)
+        count = recorded.sum(axis=0)
+        if sharded and name in norms:
+            total = np.sqrt(np.where(recorded, stacked**2, 0.0).sum(axis=0))
+        else:
+            total = np.where(recorded, stacked, 0.0).sum(axis=0) / np.maximum(count, 1)
+        out[:, j] = np.where(count > 0, total, np.nan)
+    return union, out
 
 
 def shard_like(param: Tensor, local: Tensor) -> Tensor:

@@ -19,6 +19,7 @@ import atexit
 import dataclasses
 import datetime
 import logging
+import warnings
 import weakref
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -37,10 +38,13 @@ from gradwatch.detect.diagnosis import Diagnosis
 from gradwatch.detect.findings import Finding
 from gradwatch.detect.layout import ModelLayout
 from gradwatch.distributed import (
+    GATHERED_SCALARS,
     Topology,
-    check_same_block,
+    check_flushed_alike,
     collective_device,
-    mean_over_ranks,
+    combine_gathered_scalars,
+    encode_names,
+    flush_header,
     process_group_alive,
     topology,
     unwrap,
@@ -50,7 +54,7 @@ from gradwatch.inventory import Inventory
 from gradwatch.probe_records import ProbeRecords
 from gradwatch.run_start import fingerprint, open_store, run_meta
 from gradwatch.sinks.base import Sink
-from gradwatch.stats.buffer import BlockBuffer, PendingBlock, StatsBlock
+from gradwatch.stats.buffer import BlockBuffer, HostCopy, PendingBlock, StatsBlock, host_copy
 from gradwatch.stats.device import to_device
 from gradwatch.stats.flow import MODULE_STATS, ModuleProbes, combine_flags
 from gradwatch.stats.grads import (
@@ -136,6 +140,10 @@ class Watcher:
         )
         self._scalar_rows = BlockBuffer(rows, (8,), device)
         self._scalar_names: list[str] = [GLOBAL_GRAD_NORM]
+        # Distributed: the last flush's gathered (rows, first step) with this rank's, checked at
+        # the next flush; the scalar names as bytes on the device.
+        self._last_flush: tuple[HostCopy, int, int] | None = None
+        self._names_on_device: tuple[tuple[str, ...], Tensor] | None = None
         self._block_steps: list[int] = []  # the step of each filled buffer row, host side
         self._set_step(0)
         self._snapshot: list[list[Tensor]] | None = None
@@ -255,6 +263,7 @@ class Watcher:
         _watched_models.discard(self.model)
         try:
             self._flush()
+            self._check_last_flush()
             self._writer.drain()  # the last block's findings are queued while it is written
             self._writer.write_meta({"closed": True, "steps_completed": self._step})
         finally:
@@ -436,6 +445,12 @@ class Watcher:
         if name not in self._scalar_names:
             self._scalar_names.append(name)
             self._scalar_rows.grow(len(self._scalar_names))
+            if self._topology.distributed and len(self._scalar_names) == GATHERED_SCALARS + 1:
+                warnings.warn(
+                    f"gradwatch combines at most {GATHERED_SCALARS} scalar names over the ranks; "
+                    f"{name!r} and later ones are not stored",
+                    stacklevel=4,
+                )
         return self._scalar_names.index(name)
 
     def _flush(self) -> None:
@@ -444,9 +459,10 @@ class Watcher:
             return
         if self._module_order is None:
             self._fix_layout()
-        topo, names = self._topology, tuple(self._scalar_names)
-        combine_tensors = combine_modules = combine_scalars = None
-        if topo.distributed:  # every rank flushes the same steps: the collectives line up
+        names = tuple(self._scalar_names)
+        rows, combine_tensors, combine_modules, gather_scalars, finish_scalars = n, *[None] * 4
+        topo = self._topology
+        if topo.distributed:  # every rank flushes at the same steps: the collectives line up
             if not process_group_alive():
                 raise RuntimeError(
                     f"the process group was destroyed before this watcher was closed: the last "
@@ -454,27 +470,58 @@ class Watcher:
                     "watcher (leave its `with` block) before "
                     "torch.distributed.destroy_process_group()"
                 )
-            union = check_same_block(topo, n, self._block_steps[0], names, self._collective_device)
+            self._check_last_flush()
+            header = flush_header(n, self._block_steps[0], self._collective_device)
+            self._last_flush = (host_copy(topo.ranks.gather(header)), n, self._block_steps[0])
+            rows = self._tensor_rows.rows  # the whole capacity: the same shapes on every rank
             if topo.sharded:
                 combine_tensors = lambda block: combine_shards(block, topo.shards)  # noqa: E731
             combine_modules = lambda block: combine_flags(block, topo.ranks, topo.rank)  # noqa: E731
-            combine_scalars = lambda block: mean_over_ranks(  # noqa: E731
-                block, names, union, topo, {GLOBAL_GRAD_NORM}
+            gather_scalars = self._gather_scalars
+            gathered_names = host_copy(topo.ranks.gather(self._encoded_names(names)))
+            finish_scalars = lambda values: combine_gathered_scalars(  # noqa: E731
+                values, gathered_names.wait(), names, {GLOBAL_GRAD_NORM}, topo.sharded
             )
-            names = union
         self._writer.write_block(
             PendingBlock(
                 list(self._block_steps),
                 TENSOR_STATS,
-                self._tensor_rows.take(n, combine=combine_tensors),
+                self._tensor_rows.take(rows, combine=combine_tensors),
                 MODULE_STATS,
-                self._module_rows.take(n, order=self._module_order, combine=combine_modules),
+                self._module_rows.take(rows, order=self._module_order, combine=combine_modules),
                 names,
-                self._scalar_rows.take(n, width=len(self._scalar_names), combine=combine_scalars),
+                self._scalar_rows.take(rows, width=len(names), combine=gather_scalars),
                 self._probe_records.take(),
+                finish_scalars,
             )
         )
         self._block_steps.clear()
+
+    def _check_last_flush(self) -> None:
+        """Under torch.distributed: raise on every rank alike if the ranks' previous flushes
+        covered different steps. Its gathered header was copied to the host a block ago, so
+        reading it waits for nothing (at close(): for the last flush's copy)."""
+        if self._last_flush is None:
+            return
+        headers, rows, first_step = self._last_flush
+        self._last_flush = None
+        check_flushed_alike(headers.wait(), rows, first_step)
+
+    def _gather_scalars(self, block: Tensor) -> Tensor:
+        """[world, rows, GATHERED_SCALARS]: this block's scalars [rows, names] from every rank,
+        each padded to the same width."""
+        padded = block.new_full((block.shape[0], GATHERED_SCALARS), torch.nan)
+        width = min(block.shape[1], GATHERED_SCALARS)
+        padded[:, :width] = block[:, :width]
+        return self._topology.ranks.gather(padded)
+
+    def _encoded_names(self, names: tuple[str, ...]) -> Tensor:
+        """The scalar names as bytes on the device (`encode_names`), made again only when they
+        change: an asynchronous copy, no host sync."""
+        if self._names_on_device is None or self._names_on_device[0] != names:
+            raw = torch.frombuffer(bytearray(encode_names(names)), dtype=torch.uint8)
+            self._names_on_device = (names, to_device(raw, self._scalar_rows.data.device))
+        return self._names_on_device[1]
 
     # ---- set-up helpers ----------------------------------------------------------------------
     def _open(self) -> bool:

@@ -18,7 +18,8 @@ from torch import Tensor
 
 @dataclass(frozen=True)
 class HostCopy:
-    """A device-to-host copy in flight; `wait()` blocks until it lands (never in the step path)."""
+    """A device-to-host copy in flight; `wait()` blocks until it lands: in the writer thread, or
+    in the step path for a copy issued a block earlier (long landed), never for a fresh one."""
 
     tensor: Tensor
     done: torch.cuda.Event | None
@@ -26,7 +27,7 @@ class HostCopy:
     def wait(self) -> np.ndarray:
         if self.done is not None:
             self.done.synchronize()
-        return self.tensor.numpy()
+        return self.tensor.numpy()  # host data: the copy on the host
 
 
 class BlockBuffer:
@@ -190,16 +191,24 @@ class PendingBlock:
     scalar_names: tuple[str, ...]
     scalar_copy: HostCopy
     arrays: dict[str, tuple[list[int], tuple[str, ...], HostCopy]] = field(default_factory=dict)
+    # Distributed: the copies cover the buffers' whole capacity (the same shapes on every rank),
+    # of which the first len(steps) rows are the block's; `finish_scalars` turns the scalars
+    # gathered from every rank into (names, [rows, names]).
+    finish_scalars: Callable[[np.ndarray], tuple[tuple[str, ...], np.ndarray]] | None = None
 
     def wait(self) -> StatsBlock:
+        rows = len(self.steps)
+        names, scalars = self.scalar_names, self.scalar_copy.wait()
+        if self.finish_scalars is not None:
+            names, scalars = self.finish_scalars(scalars)
         return StatsBlock(
             steps=np.asarray(self.steps, dtype=np.int64),
             tensor_stats=self.tensor_stats,
-            tensor_data=self.tensor_copy.wait(),
+            tensor_data=self.tensor_copy.wait()[:rows],
             module_stats=self.module_stats,
-            module_data=self.module_copy.wait(),
-            scalar_names=self.scalar_names,
-            scalar_data=self.scalar_copy.wait(),
+            module_data=self.module_copy.wait()[:rows],
+            scalar_names=names,
+            scalar_data=scalars[:rows],
             arrays={
                 name: ProbeArray(np.asarray(steps, dtype=np.int64), columns, copy.wait())
                 for name, (steps, columns, copy) in self.arrays.items()
