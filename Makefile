@@ -35,7 +35,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/overhead.py
 	$(PY) benchmarks/overhead.py --compile
 	$(PY) benchmarks/probes.py
-	$(PY) benchmarks/guards.py
+	$(PY) benchmarks/guards.py --rounds 3
 	$(PY) benchmarks/per_example.py
 	$(PY) benchmarks/distributed.py
 	$(PY) benchmarks/report_size.py
