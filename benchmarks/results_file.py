@@ -36,9 +36,12 @@ def _cpu_model() -> str:
 def provenance() -> str:
     """'Commit ..., date; machine: ...' for the current checkout and this machine."""
     commit = _git("rev-parse", "--short", "HEAD") or "unknown (not a git checkout)"
-    changed = _git("status", "--porcelain", "--", ".", ":!benchmarks/results")
+    # The measured code: the package, the benchmarks (not their results), the build settings.
+    changed = _git(
+        "status", "--porcelain", "--", "src", "benchmarks", ":!benchmarks/results", "pyproject.toml"
+    )
     if changed:
-        commit += " with uncommitted changes"
+        commit += " with uncommitted changes to the measured code"
     machine = f"{_cpu_model()}, {os.cpu_count()} cores, {platform.system()}"
     if torch.cuda.is_available():
         machine += f", {torch.cuda.get_device_name()}"
