@@ -255,3 +255,16 @@ def test_no_cuda_sync_in_the_step_path(name, tmp_path):
     assert not syncs, "\n".join(syncs)
     assert not sentinel.sites, sentinel.summary()
     assert len(run.steps) == 7 and np.isfinite(recorded(run, workload.recorded)).any()
+
+
+def test_device_constants_are_made_once_and_hold_their_values():
+    from gradwatch.stats.device import constant, to_device
+
+    cpu = torch.device("cpu")
+    first = constant((3, 1, 2), cpu, torch.long)
+    assert constant((3, 1, 2), cpu, torch.long) is first  # cached: no second copy
+    assert first.tolist() == [3, 1, 2] and first.dtype == torch.long
+    assert constant((3, 1, 2), cpu, torch.float64).dtype == torch.float64
+    host = torch.arange(4)
+    assert to_device(host, cpu) is host  # on the CPU the host tensor itself
+    np.testing.assert_array_equal(to_device([0.5, 0.25], cpu).numpy(), [0.5, 0.25])
