@@ -35,6 +35,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/overhead.py
 	$(PY) benchmarks/overhead.py --compile
 	$(PY) benchmarks/probes.py
+	$(PY) benchmarks/probe_profile.py
 	$(PY) benchmarks/guards.py --rounds 3
 	$(PY) benchmarks/per_example.py
 	$(PY) benchmarks/distributed.py
