@@ -37,8 +37,15 @@ def to_device(values: Values, device: torch.device, dtype: torch.dtype | None = 
     return host.to(device)
 
 
-@functools.lru_cache(maxsize=256)
 def constant(values: tuple[float, ...], device: torch.device, dtype: torch.dtype) -> Tensor:
     """The tensor of `values` on `device`, made once per (values, device, dtype) and shared:
-    read it, never write to it. No host sync after the first call (and none in it on a GPU)."""
+    read it, never write to it. No host sync after the first call (and none in it on a GPU).
+    Traced by torch.compile, a constant of the graph (dynamo does not trace through a cache)."""
+    if torch.compiler.is_compiling():
+        return torch.tensor(values, dtype=dtype, device=device)
+    return _cached(values, device, dtype)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached(values: tuple[float, ...], device: torch.device, dtype: torch.dtype) -> Tensor:
     return to_device(values, device, dtype)
