@@ -100,9 +100,7 @@ def _passes_through(code: Any) -> bool:
 
 
 class _Calls(TorchFunctionMode):
-    def __init__(self, report: Callable[[str], None]) -> None:
-        super().__init__()
-        self.report = report
+    report: Callable[[str], None]  # set by SyncSentinel
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -117,9 +115,7 @@ class _Calls(TorchFunctionMode):
 
 
 class _Ops(TorchDispatchMode):
-    def __init__(self, report: Callable[[str], None]) -> None:
-        super().__init__()
-        self.report = report
+    report: Callable[[str], None]  # set by SyncSentinel
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -146,7 +142,9 @@ class SyncSentinel:
 
     def __init__(self) -> None:
         self.sites: dict[str, str] = {}
-        self._modes = (_Calls(self._report), _Ops(self._report))
+        self._modes = (_Calls(), _Ops())
+        for mode in self._modes:
+            mode.report = self._report
 
     def _report(self, what: str) -> None:
         site = gradwatch_site()
