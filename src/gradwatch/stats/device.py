@@ -9,7 +9,7 @@ run, so the host tensor may go out of scope at once.
 
 Lines that read or make host data that look like syncs on the CPU (where every tensor is a host
 tensor) carry `# host data:`: the test sentinel (tests/sync_sentinel.py) lets them pass, and the
-CUDA test checks the claim under `torch.cuda.set_sync_debug_mode("error")`.
+CUDA test checks the claim under `torch.cuda.set_sync_debug_mode("warn")`.
 """
 
 from __future__ import annotations
