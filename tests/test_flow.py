@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import gradwatch as gw
-from gradwatch.stats.flow import MODULE_STATS
+from gradwatch.stats.flow import MODULE_STATS, activation_moments
 from gradwatch.stats.through_time import TIME_STATS
 
 
@@ -131,3 +131,25 @@ def test_a_module_whose_output_is_not_a_tensor_is_reported_by_name(tmp_path):
         out.sum().backward()
         optimizer.step()
     assert np.isnan(gw.open_run(tmp_path / "r").series("act_nonfinite")).all()
+
+
+@pytest.mark.parametrize(
+    "y",
+    [
+        torch.randn(64, 8, 6, 6).relu(),  # a CNN's activations
+        100 + 0.01 * torch.randn(32, 50),  # a large mean: the shift keeps it from cancelling
+        torch.randn(7),  # a vector
+        torch.randn(1, 1),
+        torch.zeros(0, 5),  # an empty batch
+    ],
+    ids=["relu", "offset", "vector", "one", "empty"],
+)
+def test_activation_moments_equal_float64(y):
+    n, total, squared_mean, spread, saturated = activation_moments(y, None).tolist()
+    wide = y.double()
+    assert n == y.numel() and np.isnan(saturated)
+    mean = wide.mean().item() if y.numel() else 0.0
+    np.testing.assert_allclose(total, n * mean, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(squared_mean, n * mean * mean, rtol=1e-6, atol=1e-9)
+    expected = ((wide - mean) ** 2).sum().item() if y.numel() else 0.0
+    np.testing.assert_allclose(spread, expected, rtol=1e-5, atol=1e-9)
