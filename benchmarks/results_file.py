@@ -52,12 +52,16 @@ def provenance() -> str:
     )
 
 
+# Taken when a benchmark starts (it imports this module first): the code it loaded and measures.
+STARTED_AT = provenance()
+
+
 def write_results(name: str, table: str) -> Path:
-    """Write `table` (its first line the title) to results/`name`, with the stamp under the
-    title; print where."""
+    """Write `table` (its first line the title) to results/`name`, with the stamp taken when the
+    benchmark started under the title; print where."""
     title, _, rest = table.partition("\n")
     out = RESULTS / name
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(f"{title}\n\n{provenance()}\n{rest}")
+    out.write_text(f"{title}\n\n{STARTED_AT}\n{rest}")
     print(f"written to {out}", flush=True)
     return out
