@@ -19,6 +19,7 @@ import numpy as np
 from gradwatch.detect.findings import Finding
 from gradwatch.detect.layout import ModelLayout
 from gradwatch.detect.streaks import streak
+from gradwatch.detect.wiring import moving
 from gradwatch.stats.buffer import StatsBlock
 
 # learning_rate: the median update-to-weight ratio ‖Δθ‖/‖θ‖ of the weight matrices per step.
@@ -68,8 +69,10 @@ def learning_rate(block: StatsBlock, layout: ModelLayout, memory: Memory) -> lis
     weights), or at or below LR_LOW on every probe step from the run's first for LR_LOW_PROBES
     (they never move).
 
-    Judged on weight matrices with a gradient and a non-zero learning rate only, so frozen
-    layers, parameters outside the optimizer and biases do not count; nor do fp16/bf16
+    Judged on weight matrices with a non-negligible gradient (`wiring.moving`: a layer whose
+    gradient vanished moves little whatever the learning rate, and `vanishing` names it) and a
+    non-zero learning rate only, so frozen layers, parameters outside the optimizer and biases
+    do not count; nor do fp16/bf16
     parameters, whose small updates round away whatever the learning rate. "Too small" is not
     judged where the weights train in fp16: there the gradient is what vanishes (`underflow`). A
     warm-up starts from steps that move the weights by more than LR_LOW unless it is far too
@@ -86,7 +89,8 @@ def learning_rate(block: StatsBlock, layout: ModelLayout, memory: Memory) -> lis
     findings = []
     for r in np.flatnonzero(np.isfinite(ratios[:, weights]).any(axis=1)):
         step = int(block.steps[r])
-        kept = [t for t in weights if np.isfinite(ratios[r, t]) and norms[r, t] > 0]
+        live = moving(norms[r])
+        kept = [t for t in weights if np.isfinite(ratios[r, t]) and live[t]]
         if not kept:
             continue
         median = float(np.median(ratios[r, kept]))

@@ -30,9 +30,20 @@ NO_GRADIENT_STEPS = 50
 PERSISTENT_PROBES = 3
 # no_gradient: a ReLU with this share of dead units explains all-zero gradients around it.
 DEAD_UNITS_ALL = 0.99
-# not_updated: a gradient below this share of the step's median tensor gradient is negligible
-# (a bias before BatchNorm gets ~1e-9: its SGD update rounds away in float32, θ unchanged).
+# not_updated, learning_rate: a gradient below this share of the step's largest tensor gradient
+# is negligible: its update may round away in float32, θ unchanged (a bias before BatchNorm gets
+# ~1e-9; the early layers of a net whose gradient vanishes, 1e-20 to 1e-11 of the last layer's).
 NEGLIGIBLE_GRAD = 1e-4
+
+
+def moving(norms: np.ndarray) -> np.ndarray:
+    """Which of a probe step's tensor gradient norms are large enough for their update to show:
+    finite and at least NEGLIGIBLE_GRAD of the largest."""
+    finite = np.isfinite(norms)
+    largest = np.max(norms[finite], initial=0.0)
+    return finite & (norms > 0) & (norms >= NEGLIGIBLE_GRAD * largest)
+
+
 # symmetric_weights: ‖W − mean row‖ / ‖W‖ at or below this (float32 rounding of equal rows).
 SYMMETRIC_SPREAD = 1e-6
 
@@ -245,9 +256,10 @@ def not_updated(block: StatsBlock, layout: ModelLayout, memory: Memory) -> list[
     parameter groups at the first flush: not in any group (a module replaced or added after the
     optimizer was built, an optimizer built from the frozen part), or a learning rate of 0.
     Steps a guard skipped are not counted; tensors without a gradient are `no_gradient`'s, and
-    those whose gradient is below NEGLIGIBLE_GRAD of the step's median tensor gradient are left
-    out (their update may round away: a bias right before a BatchNorm), as are fp16/bf16
-    parameters (an update below their resolution rounds away: a precision problem).
+    those whose gradient is below NEGLIGIBLE_GRAD of the step's largest tensor gradient are left
+    out (their update may round away: a bias right before a BatchNorm, or the early layers of a
+    net whose gradient vanishes, which `vanishing` names), as are fp16/bf16 parameters (an
+    update below their resolution rounds away: a precision problem).
     """
     if "update_ratio" not in block.tensor_stats:
         return []
@@ -256,12 +268,11 @@ def not_updated(block: StatsBlock, layout: ModelLayout, memory: Memory) -> list[
     found: dict[int, int] = {}
     for r in _probe_rows(block):
         step = int(block.steps[r])
-        positive = norms[r][np.isfinite(norms[r]) & (norms[r] > 0)]
-        if step in skipped or not positive.size:
+        live = moving(norms[r])
+        if step in skipped or not live.any():
             continue
-        floor = NEGLIGIBLE_GRAD * float(np.median(positive))
         for t in range(len(layout.tensors)):
-            if not (np.isfinite(ratios[r, t]) and np.isfinite(norms[r, t]) and norms[r, t] > floor):
+            if not (np.isfinite(ratios[r, t]) and live[t]):
                 continue
             if not layout.updates_representable(t):
                 continue

@@ -6,14 +6,17 @@ dominated by the largest features and an effective learning rate that differs by
 
 From the model's first floating-point tensor argument x of the step's first forward pass (integer
 token ids are not features), per feature (the last axis; the channel axis 1 for 4+ dimensions)
-the root mean square over all other axes, over the *dense* features only: those non-zero in at
-least half of the values (one-hot and bag-of-words columns are mostly zero; their RMS says how
-often they occur, not how large they are). Scalars, probe steps:
+the root mean square over all other axes and over every probe step so far (running sums on the
+device: a sparse column of standardised data, near its mean in most batches, has the RMS of the
+data set, not of one batch), over the *dense* features only: those non-zero in at least half of
+the values (one-hot and bag-of-words columns are mostly zero; their RMS says how often they
+occur, not how large they are). The sums start again when the number of features changes.
+Scalars, probe steps:
 
 - `input_rms_max`  the largest dense feature's RMS;
 - `input_rms_min`  the smallest non-zero dense feature's RMS (NaN when there is none).
 
-Cost: one pass over x and two reductions per probe step; no host sync.
+Cost: one pass over x and three reductions per probe step; no host sync.
 """
 
 from __future__ import annotations
@@ -30,14 +33,26 @@ INPUT_SCALARS: tuple[str, ...] = ("input_rms_max", "input_rms_min")
 DENSE_SHARE = 0.5
 
 
-def feature_scales(x: Tensor) -> tuple[Tensor, Tensor]:
-    """(largest, smallest non-zero) RMS over the dense features of `x` (see the module
-    docstring); NaN where there is none."""
+def feature_sums(x: Tensor) -> tuple[Tensor, Tensor, int]:
+    """Per feature of `x` (see the module docstring): the sum of squares and the count of
+    non-zero values over all other axes, and the number of values summed."""
     x = x.detach().float()
     feature_dim = 1 if x.dim() >= 4 else x.dim() - 1
     others = tuple(d for d in range(x.dim()) if d != feature_dim)
-    rms = x.square().mean(dim=others).sqrt() if others else x.abs()
-    dense = x.ne(0).float().mean(dim=others) >= DENSE_SHARE if others else x.ne(0)
+    if not others:
+        return x.square(), x.ne(0).float(), 1
+    return (
+        x.square().sum(dim=others),
+        x.ne(0).float().sum(dim=others),
+        x.numel() // x.shape[feature_dim],
+    )
+
+
+def feature_scales(squares: Tensor, nonzero: Tensor, count: int) -> tuple[Tensor, Tensor]:
+    """(largest, smallest non-zero) RMS over the dense features, from `feature_sums` (added up
+    over batches); NaN where there is none."""
+    rms = (squares / count).sqrt()
+    dense = nonzero / count >= DENSE_SHARE
     largest = torch.where(dense, rms, -torch.inf).max()
     smallest = torch.where(dense & (rms > 0), rms, torch.inf).min()
     return (
@@ -55,6 +70,7 @@ class InputScale:
         self.shield = shield
         self.probe = False
         self._scales: tuple[Tensor, Tensor] | None = None
+        self._sums: tuple[Tensor, Tensor, int] | None = None  # over the probe steps so far
         self.handles: list[Any] = []
 
     def attach(self) -> None:
@@ -78,7 +94,12 @@ class InputScale:
         first = next((t for t in (*args, *kwargs.values()) if isinstance(t, Tensor)), None)
         readable = first is not None and first.layout == torch.strided and not first.is_nested
         if readable and first.is_floating_point() and first.numel() > 0:
-            self._scales = feature_scales(first)
+            squares, nonzero, count = feature_sums(first)
+            if self._sums is not None and self._sums[0].shape == squares.shape:
+                squares, nonzero = squares + self._sums[0], nonzero + self._sums[1]
+                count += self._sums[2]
+            self._sums = (squares, nonzero, count)
+            self._scales = feature_scales(*self._sums)
 
 
 eager_unless_traced(InputScale._measure)
