@@ -191,3 +191,61 @@ def test_logged_scalars_are_the_users_not_gradwatchs_own(tmp_path):
     data = ReportData(tmp_path / "run")
     assert {"logit_lse", "input_rms_max", "pe_total_max", "gns_batch"} <= set(data.scalar_names)
     assert data.user_scalars == ["loss"]
+
+
+# ---- no chart is an empty frame ------------------------------------------------------------
+def drawn(ax) -> int:
+    """How many data elements a matplotlib Axes shows: line points that are visible (a marker,
+    or a finite neighbour to join), bars of non-zero height, scatter and band vertices, image
+    cells, and sentences written on it. Frames, grids, ticks and legends do not count."""
+    count = 0
+    for line in ax.get_lines():
+        x, y = (np.asarray(v, dtype=float) for v in line.get_data())
+        finite = np.isfinite(x) & np.isfinite(y)
+        if line.get_marker() not in (None, "None", "", " "):
+            count += int(finite.sum())
+        else:
+            count += int((finite[1:] & finite[:-1]).sum())
+    for collection in ax.collections:
+        offsets = np.asarray(collection.get_offsets(), dtype=float).reshape(-1, 2)
+        paths = [p.vertices for p in collection.get_paths()]
+        vertices = np.concatenate([offsets, *paths]) if paths else offsets
+        array = collection.get_array()
+        count += int(np.isfinite(vertices).all(axis=1).sum())
+        count += 0 if array is None else int(np.isfinite(np.asarray(array, dtype=float)).sum())
+    count += sum(1 for patch in ax.patches if getattr(patch, "get_height", lambda: 0)() > 0)
+    count += sum(int(np.isfinite(np.asarray(i.get_array(), dtype=float)).sum()) for i in ax.images)
+    return count + len(ax.texts)
+
+
+def test_no_chart_of_the_demo_runs_has_an_empty_panel(tmp_path):
+    """Each chart of the demo's three runs draws something in every panel or is replaced by a
+    sentence; a scalar logged every 10 steps is drawn as points."""
+    import matplotlib.pyplot as plt
+
+    from gradwatch.demo import run_demo
+    from gradwatch.report.charts import OPTIONAL_CHARTS
+
+    runs = [o.run_dir for o in run_demo(tmp_path / "demo", steps=60)]
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    with gw.watch(model, optimizer, run_dir=tmp_path / "sparse") as w:
+        for step in range(40):
+            loss = model(torch.randn(16, 8)).square().mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            if step % 10 == 0:
+                w.log(accuracy=0.5 + step / 100)
+    runs.append(tmp_path / "sparse")
+    for run_dir in runs:
+        data = ReportData(run_dir)
+        for chart_id, (_, draw) in {**CHARTS, **OPTIONAL_CHARTS}.items():
+            figure = draw(data)
+            if figure is None or isinstance(figure, str):
+                assert chart_id in OPTIONAL_CHARTS or figure, (run_dir, chart_id)
+                continue
+            for ax in figure.axes:
+                assert drawn(ax) > 0, (run_dir.name, chart_id, ax.get_title(), ax.get_ylabel())
+            plt.close(figure)
+        data.close()

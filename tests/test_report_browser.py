@@ -92,3 +92,48 @@ def test_a_hostile_module_name_runs_no_script(browser, tmp_path):
     assert EVIL in page.locator("#findings").inner_text()  # shown as text
     assert problems["dialog"] == [] and problems["pageerror"] == []
     page.close()
+
+
+# In the page: how many pixels of each chart image are in colour (the data: lines, markers,
+# bars, the heatmap), as against the white, grey and black of frames, grids and text.
+COLOURED_PIXELS = """img => {
+    const canvas = document.createElement("canvas");
+    canvas.width = img.naturalWidth;
+    canvas.height = img.naturalHeight;
+    const context = canvas.getContext("2d");
+    context.drawImage(img, 0, 0);
+    const pixels = context.getImageData(0, 0, canvas.width, canvas.height).data;
+    let coloured = 0;
+    for (let i = 0; i < pixels.length; i += 4) {
+        const [r, g, b] = [pixels[i], pixels[i + 1], pixels[i + 2]];
+        if (Math.max(r, g, b) - Math.min(r, g, b) > 60) coloured += 1;
+    }
+    return coloured;
+}"""
+
+
+def test_every_chart_of_the_demo_runs_shows_colour_or_a_sentence(browser, tmp_path):
+    """Each chart of the demo's three reports is an image that loaded and has colour in it, or a
+    sentence that says why there is nothing to draw. That every panel of every chart draws its
+    data is checked on the figures (`test_report.py`, `drawn`)."""
+    from gradwatch.demo import run_demo
+
+    for outcome in run_demo(tmp_path, steps=60):
+        page, problems = open_page(browser, outcome.report)
+        figures = page.locator("figure")
+        assert figures.count() >= len(CHARTS)
+        for i in range(figures.count()):
+            figure = figures.nth(i)
+            label = f"{outcome.scenario.name}: {figure.get_attribute('id')}"
+            image = figure.locator("img")
+            if image.count() == 0:
+                assert figure.locator(".note").inner_text().strip(), label
+                continue
+            image.scroll_into_view_if_needed()
+            assert image.evaluate("img => img.complete && img.naturalWidth > 100"), label
+            assert image.evaluate(COLOURED_PIXELS) > 50, label
+        sentences = page.locator("figure.nothing .note")
+        if outcome.scenario.name != "vanishing":  # ReLU nets with no dead unit in 60 steps
+            assert "No dead or saturated units" in sentences.all_inner_texts()[0]
+        assert problems == {"console": [], "pageerror": [], "dialog": []}
+        page.close()

@@ -3,7 +3,10 @@ logged scalars, update-to-weight ratios, activation health, the distribution of 
 steps and the share of zero or tiny gradient entries; for models that have them, the gradient
 through time of recurrent modules.
 
-Every chart is `fn(data) -> Figure | None` (None when the run holds nothing to draw). Long runs and
+Every chart is `fn(data) -> Figure | str | None`: a figure; a sentence when the run holds the data
+but there is nothing to draw (no dead or saturated unit); None when the run did not record it.
+A series recorded on some steps only (probe steps, or logged every so often) is drawn as points,
+so the gaps between them do not break its line into nothing. Long runs and
 many layers are downsampled: at most MAX_POINTS step bins per line, MAX_COLUMNS x MAX_ROWS cells in
 the heatmap, so a chart's size does not grow with the run.
 """
@@ -168,10 +171,20 @@ def global_norm(data: ReportData) -> Figure | None:
     norms = data.series("global_grad_norm")
     if norms is None or len(data.steps) == 0:
         return None
-    steps, median, low, high = _binned(data.steps, norms)
     fig, ax = plt.subplots(figsize=(12, 3.8))
-    ax.fill_between(steps, low, high, alpha=0.25, label="min-max per bin")
-    ax.plot(steps, median, lw=1, label="global gradient norm (pre-guard)")
+    _series(ax, data.steps, norms, label="global gradient norm (pre-guard)")
+    broken = np.flatnonzero(~np.isfinite(norms))
+    if len(broken):  # NaN/Inf norms have no height: marked along the top
+        finite = norms[np.isfinite(norms)]
+        top = float(finite.max()) if len(finite) else 1.0
+        shown = broken[:: max(1, len(broken) // MAX_POINTS)]
+        ax.scatter(
+            data.steps[shown],
+            np.full(len(shown), top),
+            marker="|",
+            color="tab:red",
+            label=f"non-finite norm ({len(broken)} steps)",
+        )
     by_step = dict(zip(data.steps.tolist(), norms.tolist(), strict=True))
     marks = {"clip": ("o", "tab:orange"), "skip": ("x", "tab:red")}
     for kind, (marker, color) in marks.items():
@@ -204,6 +217,32 @@ def global_norm(data: ReportData) -> Figure | None:
     return fig
 
 
+def _series(ax, steps: np.ndarray, values: np.ndarray, label: str | None = None) -> None:
+    """One series over steps: every step recorded, a min-max band and the binned median; some
+    steps only, their points (at most MAX_POINTS, evenly picked) joined by a thin line."""
+    recorded = np.flatnonzero(np.isfinite(values))
+    if len(recorded) == len(values):
+        at, median, low, high = _binned(steps, values)
+        ax.fill_between(at, low, high, alpha=0.25)
+        ax.plot(at, median, lw=1, label=label)
+        return
+    picked = recorded[np.unique(np.linspace(0, len(recorded) - 1, MAX_POINTS).astype(int))]
+    few = len(picked) < 10
+    ax.plot(steps[picked], values[picked], marker="o" if few else ".", ms=6 if few else 4,
+            lw=0.6, label=label)  # fmt: skip
+    stride = int(np.median(np.diff(steps[recorded]))) if len(recorded) > 1 else 1
+    last = int(steps[recorded[-1]]) if len(recorded) else None
+    if last is None or int(steps[-1]) - last > max(10, 3 * stride):
+        ax.text(
+            0.99,
+            0.9,
+            "no finite value" + ("" if last is None else f" after step {last}"),
+            transform=ax.transAxes,
+            ha="right",
+            color="tab:red",
+        )
+
+
 def logged_scalars(data: ReportData) -> Figure | None:
     """Loss and the other scalars logged with w.log."""
     names = data.user_scalars[:4]
@@ -213,9 +252,7 @@ def logged_scalars(data: ReportData) -> Figure | None:
         len(names), 1, figsize=(12, 2.6 * len(names)), squeeze=False, sharex=True
     )
     for ax, name in zip(axes[:, 0], names, strict=True):
-        steps, median, low, high = _binned(data.steps, data.series(name))
-        ax.fill_between(steps, low, high, alpha=0.25)
-        ax.plot(steps, median, lw=1)
+        _series(ax, data.steps, data.series(name))
         ax.set_ylabel(_label(name))
     axes[-1, 0].set_xlabel("step")
     axes[0, 0].set_title("logged scalars")
@@ -246,19 +283,24 @@ def update_ratios(data: ReportData) -> Figure | None:
     return fig
 
 
-def activation_health(data: ReportData) -> Figure | None:
+def activation_health(data: ReportData) -> Figure | str | None:
     """Dead and saturated shares per module (mean over the probe steps of the second half)."""
     dead, saturated = data.series("dead_frac"), data.series("saturated_frac")
     if dead is None or not (np.isfinite(dead).any() or np.isfinite(saturated).any()):
         return None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        dead_mean = np.nanmean(dead[len(dead) // 2 :], axis=0)
-        sat_mean = np.nanmean(saturated[len(saturated) // 2 :], axis=0)
+        dead_mean = np.nan_to_num(np.nanmean(dead[len(dead) // 2 :], axis=0))
+        sat_mean = np.nan_to_num(np.nanmean(saturated[len(saturated) // 2 :], axis=0))
+    if not (dead_mean.any() or sat_mean.any()):
+        return (
+            "No dead or saturated units: on the probe steps of the second half, no module had "
+            "an output unit that was always 0, nor a sigmoid/tanh output pinned at its limits."
+        )
     x = np.arange(len(data.modules))
     fig, ax = plt.subplots(figsize=(12, 4))
-    ax.bar(x - 0.2, np.nan_to_num(dead_mean), width=0.4, label="dead units (output always 0)")
-    ax.bar(x + 0.2, np.nan_to_num(sat_mean), width=0.4, label="saturated outputs (sigmoid/tanh)")
+    ax.bar(x - 0.2, dead_mean, width=0.4, label="dead units (output always 0)")
+    ax.bar(x + 0.2, sat_mean, width=0.4, label="saturated outputs (sigmoid/tanh)")
     ax.set_ylim(0, 1)
     ax.set_title("activation health per module (probe steps, second half)")
     _depth_axis(ax, data.modules, "module, forward order")
@@ -410,7 +452,8 @@ def attention(data: ReportData) -> Figure | None:
     return fig
 
 
-CHARTS: dict[str, tuple[str, Callable[[ReportData], Figure | None]]] = {
+Chart = Callable[[ReportData], Figure | str | None]
+CHARTS: dict[str, tuple[str, Chart]] = {
     "gradient_flow": ("Gradient flow", gradient_flow),
     "heatmap": ("Gradient norm, layer x step", grad_heatmap),
     "global_norm": ("Global gradient norm and guard events", global_norm),
@@ -421,21 +464,22 @@ CHARTS: dict[str, tuple[str, Callable[[ReportData], Figure | None]]] = {
     "tiny_gradients": ("Zero and tiny gradient entries", tiny_gradients),
 }
 # Charts for what only some models have: shown when the run holds their data, else left out.
-OPTIONAL_CHARTS: dict[str, tuple[str, Callable[[ReportData], Figure | None]]] = {
+OPTIONAL_CHARTS: dict[str, tuple[str, Chart]] = {
     "through_time": ("Gradient through time (recurrent modules)", through_time),
     "per_example": ("Per-example gradient norms and the noise scale", per_example),
     "attention": ("Attention logits and entropy, output log Z (transformers)", attention),
 }
 
 
-def render_png(data: ReportData) -> dict[str, bytes | None]:
-    """Every chart of the run as PNG bytes, by id (None where the run holds nothing to draw)."""
-    pngs: dict[str, bytes | None] = {}
+def render_png(data: ReportData) -> dict[str, bytes | str | None]:
+    """Every chart of the run by id: PNG bytes, the sentence that stands for an empty chart, or
+    None where the run holds nothing to draw."""
+    pngs: dict[str, bytes | str | None] = {}
     with plt.rc_context(STYLE):
         for chart_id, (_, draw) in {**CHARTS, **OPTIONAL_CHARTS}.items():
             fig = draw(data)
-            if fig is None:
-                pngs[chart_id] = None
+            if fig is None or isinstance(fig, str):
+                pngs[chart_id] = fig
                 continue
             buffer = io.BytesIO()
             fig.savefig(buffer, format="png")

@@ -70,17 +70,19 @@ def _findings_html(data: ReportData) -> str:
     return "\n".join(parts)
 
 
-def _charts_html(pngs: dict[str, bytes | None]) -> str:
+def _charts_html(pngs: dict[str, bytes | str | None]) -> str:
     parts = []
     charts = _charts()
     shown = {**charts.CHARTS, **{k: v for k, v in charts.OPTIONAL_CHARTS.items() if pngs.get(k)}}
     for chart_id, (title, _) in shown.items():
         png = pngs.get(chart_id)
-        if png is None:
+        if not isinstance(png, bytes):
+            kind, sentence = (
+                ("missing", "Not recorded in this run.") if png is None else ("nothing", png)
+            )
             parts.append(
-                f'<figure id="chart-{chart_id}" class="missing"><figcaption>'
-                f'{_e(title)}</figcaption><p class="note">Not recorded in this run.</p>'
-                "</figure>"
+                f'<figure id="chart-{chart_id}" class="{kind}"><figcaption>'
+                f'{_e(title)}</figcaption><p class="note">{_e(sentence)}</p></figure>'
             )
             continue
         encoded = base64.b64encode(png).decode("ascii")
@@ -169,7 +171,7 @@ def write_pngs(run_dir: str | Path, out_dir: str | Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for chart_id, png in pngs.items():
-        if png is not None:
+        if isinstance(png, bytes):
             path = out_dir / f"{chart_id}.png"
             path.write_bytes(png)
             written.append(path)
