@@ -325,8 +325,9 @@ def gradcheck(
             normalization layers make them flat).
         seed: seeds the random directions, the projection and every forward pass's RNG.
         eps: finite-difference step along unit directions. Default 1e-6.
-        rtol, atol: tolerance |analytic − numeric| <= atol + rtol·max(|analytic|, |numeric|),
-            plus an allowance for float64 rounding in the differences.
+        rtol: relative tolerance: |analytic − numeric| <= atol + rtol·max(|analytic|,
+            |numeric|), plus an allowance for float64 rounding in the differences.
+        atol: absolute tolerance, as above.
 
     Returns a `GradcheckReport`. Syncs with the host (it is a test, not a training-step tool).
     """

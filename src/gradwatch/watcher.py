@@ -661,8 +661,10 @@ def watch(
         optimizer: the optimizer that updates them; gradwatch hooks its `step()`. Without one, call
             `Watcher.step()` after each update.
         run_dir: where the run store goes; a new directory. Default: `runs/<date-time>`.
-        every, probe_every, flush_every, histogram_every: the schedule, see `WatchConfig` for
-            what each costs.
+        every: record every n-th step (the schedule: see `WatchConfig` for what each costs).
+        probe_every: every n-th step is a probe step (None: no probe steps).
+        flush_every: steps per block kept on the device before it is written.
+        histogram_every: every n-th probe step also counts histograms (None: none).
         per_example: per-example gradient norms and the noise scale on probe steps (True or
             "mean" for a batch-mean loss, "sum" for a summed one), see `WatchConfig`.
         guards: guards applied to the gradients before each update, in order.
