@@ -33,22 +33,20 @@ INPUT_SCALARS: tuple[str, ...] = ("input_rms_max", "input_rms_min")
 DENSE_SHARE = 0.5
 
 
-def feature_sums(x: Tensor) -> tuple[Tensor, Tensor, int]:
+def feature_sums(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Per feature of `x` (see the module docstring): the sum of squares and the count of
-    non-zero values over all other axes, and the number of values summed."""
+    non-zero values over all other axes, and the number of values summed (a 0-d tensor: a count
+    that grows as a Python number would make torch.compile specialise on it each probe step)."""
     x = x.detach().float()
     feature_dim = 1 if x.dim() >= 4 else x.dim() - 1
     others = tuple(d for d in range(x.dim()) if d != feature_dim)
+    count = torch.full((), x.numel() // max(x.shape[feature_dim], 1), device=x.device)
     if not others:
-        return x.square(), x.ne(0).float(), 1
-    return (
-        x.square().sum(dim=others),
-        x.ne(0).float().sum(dim=others),
-        x.numel() // x.shape[feature_dim],
-    )
+        return x.square(), x.ne(0).float(), count
+    return x.square().sum(dim=others), x.ne(0).float().sum(dim=others), count
 
 
-def feature_scales(squares: Tensor, nonzero: Tensor, count: int) -> tuple[Tensor, Tensor]:
+def feature_scales(squares: Tensor, nonzero: Tensor, count: Tensor) -> tuple[Tensor, Tensor]:
     """(largest, smallest non-zero) RMS over the dense features, from `feature_sums` (added up
     over batches); NaN where there is none."""
     rms = (squares / count).sqrt()
@@ -70,7 +68,7 @@ class InputScale:
         self.shield = shield
         self.probe = False
         self._scales: tuple[Tensor, Tensor] | None = None
-        self._sums: tuple[Tensor, Tensor, int] | None = None  # over the probe steps so far
+        self._sums: tuple[Tensor, Tensor, Tensor] | None = None  # over the probe steps so far
         self.handles: list[Any] = []
 
     def attach(self) -> None:
@@ -94,11 +92,12 @@ class InputScale:
         first = next((t for t in (*args, *kwargs.values()) if isinstance(t, Tensor)), None)
         readable = first is not None and first.layout == torch.strided and not first.is_nested
         if readable and first.is_floating_point() and first.numel() > 0:
-            squares, nonzero, count = feature_sums(first)
-            if self._sums is not None and self._sums[0].shape == squares.shape:
-                squares, nonzero = squares + self._sums[0], nonzero + self._sums[1]
-                count += self._sums[2]
-            self._sums = (squares, nonzero, count)
+            sums = feature_sums(first)
+            if self._sums is None or self._sums[0].shape != sums[0].shape:
+                self._sums = tuple(t.clone() for t in sums)
+            else:  # in place: the same tensors every probe step, nothing for compile to guard on
+                for total, part in zip(self._sums, sums, strict=True):
+                    total.add_(part)
             self._scales = feature_scales(*self._sums)
 
 
