@@ -45,3 +45,38 @@ def test_watching_loads_dynamo_so_compiled_models_skip_the_hooks_frames():
         "w.close()"
     )
     assert "torch._dynamo" in modules
+
+
+# The layers below the watcher: they must not import `gradwatch.watcher` nor the package face
+# (`import gradwatch`, `from gradwatch import ...`), so that imports run one way.
+BELOW = ("stats", "detect", "guards", "sinks", "report")
+BELOW_MODULES = (
+    "config", "distributed", "errors", "extras", "inventory", "probe_records", "publishing",
+    "recorded_block", "run_start", "store", "version",
+)  # fmt: skip
+
+
+def test_imports_run_one_way():
+    import ast
+    from pathlib import Path
+
+    import gradwatch
+
+    package = Path(gradwatch.__file__).parent
+    files = [p for layer in BELOW for p in (package / layer).rglob("*.py")]
+    files += [package / f"{name}.py" for name in BELOW_MODULES]
+    upward = []
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module] if node.module != "gradwatch" else ["gradwatch"]
+            else:
+                continue
+            upward += [
+                f"{path.relative_to(package)}: {n}"
+                for n in names
+                if n in ("gradwatch", "gradwatch.watcher")
+            ]
+    assert files and not upward, upward

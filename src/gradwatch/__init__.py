@@ -14,9 +14,8 @@ from gradwatch.guards.base import Event
 from gradwatch.report.html import report
 from gradwatch.stats.per_example import PerExampleNorms, per_example_grad_norms
 from gradwatch.store import Run, open_run
+from gradwatch.version import __version__
 from gradwatch.watcher import Watcher, watch
-
-__version__ = "0.1.0"
 
 __all__ = [
     "Event",

@@ -77,7 +77,7 @@ def run_meta(
     topology: Topology,
 ) -> dict[str, Any]:
     """The run's metadata: schedule, model, optimizer, what is not watched, where, versions."""
-    from gradwatch import __version__
+    from gradwatch.version import __version__
 
     return {
         "config": asdict(config),

@@ -16,10 +16,8 @@ rank 0 writes the store.
 from __future__ import annotations
 
 import atexit
-import dataclasses
 import datetime
 import logging
-import warnings
 import weakref
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -34,35 +32,25 @@ from gradwatch.config import (
     check_supported,
     label_guards,
 )
-from gradwatch.detect.diagnosis import Diagnosis
 from gradwatch.detect.findings import Finding
-from gradwatch.detect.layout import ModelLayout
 from gradwatch.distributed import (
-    GATHERED_SCALARS,
     Topology,
-    check_flushed_alike,
     collective_device,
-    combine_gathered_scalars,
-    encode_names,
-    flush_header,
-    process_group_alive,
     topology,
     unwrap,
 )
 from gradwatch.guards.base import Guard, GuardContext, StopTraining
 from gradwatch.inventory import Inventory
 from gradwatch.probe_records import ProbeRecords
+from gradwatch.publishing import Publisher, learning_rates
+from gradwatch.recorded_block import GLOBAL_GRAD_NORM, RecordedBlock
 from gradwatch.run_start import fingerprint, open_store, run_meta
 from gradwatch.sinks.base import Sink
-from gradwatch.stats.buffer import BlockBuffer, HostCopy, PendingBlock, StatsBlock, host_copy
-from gradwatch.stats.device import to_device
-from gradwatch.stats.flow import MODULE_STATS, ModuleProbes, combine_flags
+from gradwatch.stats.flow import ModuleProbes
 from gradwatch.stats.grads import (
     ADAM_EPS_FRAC,
-    TENSOR_STATS,
     GradStatistics,
     PresentGroup,
-    combine_shards,
     global_norm,
 )
 from gradwatch.stats.hooks import Failsafe, eager_unless_traced, mark_eager_hooks
@@ -70,7 +58,6 @@ from gradwatch.stats.optimizer_state import AdamEpsilon
 
 logger = logging.getLogger("gradwatch")
 
-GLOBAL_GRAD_NORM = "global_grad_norm"
 _watched_models: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 
@@ -117,7 +104,6 @@ class Watcher:
             self._collective_device,
         )
         self.run_dir = Path(config.run_dir)
-        self._sinks = list(sinks)
         self._statistics = GradStatistics(self.inventory, sharded=topo.sharded)
         self._adam = AdamEpsilon(optimizer, self.inventory) if optimizer is not None else None
         shield = self._failsafe.shield
@@ -127,24 +113,15 @@ class Watcher:
         self._probe_records = ProbeRecords(
             model, self.inventory, self._module_probes, topo, config, shield=shield
         )
-        self._diagnosis: Diagnosis | None = None  # set up at the first flush, see _fix_layout
-        self._module_order: Tensor | None = None
-        self._announced: set[tuple[str, str]] = set()
+        self._publisher = Publisher(self._writer, self._guards, sinks)  # starts at 1st flush
         self._last_loss: Tensor | float | None = None
-        rows, device = config.flush_every, self.inventory.device
-        self._tensor_rows = BlockBuffer(
-            rows, (len(self.inventory.tensors), len(TENSOR_STATS)), device
+        self._block = RecordedBlock(
+            self.inventory,
+            len(self._module_probes.names),
+            config.flush_every,
+            topo,
+            self._collective_device,
         )
-        self._module_rows = BlockBuffer(
-            rows, (len(self._module_probes.names), len(MODULE_STATS)), device
-        )
-        self._scalar_rows = BlockBuffer(rows, (8,), device)
-        self._scalar_names: list[str] = [GLOBAL_GRAD_NORM]
-        # Distributed: the last flush's gathered (rows, first step) with this rank's, checked at
-        # the next flush; the scalar names as bytes on the device.
-        self._last_flush: tuple[HostCopy, int, int] | None = None
-        self._names_on_device: tuple[tuple[str, ...], Tensor] | None = None
-        self._block_steps: list[int] = []  # the step of each filled buffer row, host side
         self._set_step(0)
         self._snapshot: list[list[Tensor]] | None = None
         self._hooks: list[Any] = []
@@ -208,14 +185,13 @@ class Watcher:
         target = self._step - 1 if self.optimizer is not None and self._step > 0 else self._step
         if not self._records(target):
             return
-        if self._block_steps and self._block_steps[-1] == target:
-            row = len(self._block_steps) - 1
-        elif target == self._step:
+        row = self._block.row_of(target)
+        if row is None:
+            if target != self._step:
+                return  # that step's row was flushed already
             row = self._open_row(target)
-        else:
-            return  # that step's row was flushed already
         for name, value in scalars.items():
-            self._record_scalar(row, name, value)
+            self._block.record_scalar(row, name, value)
 
     def findings(self) -> list[Finding]:
         """The findings diagnosed in the flushed blocks (all of them once the watcher is closed).
@@ -224,7 +200,7 @@ class Watcher:
         """
         if not self._closed:
             self._writer.drain()
-        return self._diagnosis.findings() if self._diagnosis is not None else []
+        return self._publisher.findings()
 
     def state_dict(self) -> dict[str, Any]:
         """The step counter and every guard's state, to resume a run where it stopped
@@ -263,13 +239,12 @@ class Watcher:
         _watched_models.discard(self.model)
         try:
             self._flush()
-            self._check_last_flush()
+            self._block.check_last_flush()
             self._writer.drain()  # the last block's findings are queued while it is written
             self._writer.write_meta({"closed": True, "steps_completed": self._step})
         finally:
             self._writer.close()
-            for sink in self._sinks:
-                sink.close()
+            self._publisher.close()
 
     def __enter__(self) -> Watcher:
         return self
@@ -348,22 +323,22 @@ class Watcher:
         probe = self._probes(step)
         norm = self._statistics.record_grads(
             present,
-            None if row is None else self._tensor_rows.data[row],
+            None if row is None else self._block.tensor_rows.data[row],
             probe=probe,
             device=self.inventory.device,
         )
         if row is not None:
-            self._record_scalar(row, GLOBAL_GRAD_NORM, norm)
-            act_hist = self._module_probes.write(self._module_rows.data[row], probe)
+            self._block.record_scalar(row, GLOBAL_GRAD_NORM, norm)
+            act_hist = self._module_probes.write(self._block.module_rows.data[row], probe)
             if act_hist is not None:
                 self._probe_records.record(
                     step,
                     present,
                     self._statistics,
                     act_hist,
-                    (self._tensor_rows.data[row], self._module_rows.data[row]),
+                    (self._block.tensor_rows.data[row], self._block.module_rows.data[row]),
                     histograms=self._histograms(step),
-                    record=lambda name, value: self._record_scalar(row, name, value),
+                    record=lambda name, value: self._block.record_scalar(row, name, value),
                 )
         return norm
 
@@ -378,7 +353,7 @@ class Watcher:
             optimizer=self.optimizer,
             model=self.model,
             loss=self._last_loss,
-            record=lambda name, value: self._record_scalar(row, name, value),
+            record=lambda name, value: self._block.record_scalar(row, name, value),
             event=lambda event: self._writer.write_events([event]),
             shards=self._topology.shards,
             ranks=self._topology.ranks,
@@ -388,26 +363,9 @@ class Watcher:
                 continue
             guard.apply(ctx)
 
-    def _record_scalar(self, row: int | None, name: str, value: Tensor | float) -> None:
-        """Store a scalar of the step in buffer row `row` (dropped when the step is not recorded).
-        A tensor stays on the device: no host sync."""
-        if row is None:
-            return
-        column = self._scalar_column(name)  # first: a new name may reallocate the buffer
-        cell = self._scalar_rows.data[row, column]
-        if isinstance(value, Tensor):
-            if value.numel() != 1:
-                raise ValueError(
-                    f"{name} must be a scalar or a one-element tensor, "
-                    f"got a tensor of shape {tuple(value.shape)}"
-                )
-            cell.copy_(value.detach().reshape(()), non_blocking=True)
-        else:
-            cell.fill_(float(value))
-
     def _record_update(self) -> None:
         assert self._snapshot is not None
-        row = self._tensor_rows.data[len(self._block_steps) - 1]
+        row = self._block.tensor_rows.data[len(self._block.steps) - 1]
         self._statistics.record_update(row, self._snapshot)
         found = self._adam.shares(row.device) if self._adam is not None else None
         if found is not None:
@@ -433,95 +391,26 @@ class Watcher:
         self._probe_records.set_step(self._probes(step), self._histograms(step))
 
     def _open_row(self, step: int) -> int:
-        """The buffer row of `step`, flushing a full buffer first."""
-        if self._block_steps and self._block_steps[-1] == step:
-            return len(self._block_steps) - 1
-        if len(self._block_steps) == self._tensor_rows.rows:
+        """The buffer row of `step`, flushing a full block first."""
+        if self._block.row_of(step) is None and self._block.full:
             self._flush()
-        self._block_steps.append(step)
-        return len(self._block_steps) - 1
-
-    def _scalar_column(self, name: str) -> int:
-        if name not in self._scalar_names:
-            self._scalar_names.append(name)
-            self._scalar_rows.grow(len(self._scalar_names))
-            if self._topology.distributed and len(self._scalar_names) == GATHERED_SCALARS + 1:
-                warnings.warn(
-                    f"gradwatch combines at most {GATHERED_SCALARS} scalar names over the ranks; "
-                    f"{name!r} and later ones are not stored",
-                    stacklevel=4,
-                )
-        return self._scalar_names.index(name)
+        return self._block.open_row(step)
 
     def _flush(self) -> None:
-        n = len(self._block_steps)
-        if n == 0:
+        """Hand the recorded steps to the writer thread (the first flush starts the diagnosis)."""
+        if not self._block.steps:
             return
-        if self._module_order is None:
-            self._fix_layout()
-        names = tuple(self._scalar_names)
-        rows, combine_tensors, combine_modules, gather_scalars, finish_scalars = n, *[None] * 4
-        topo = self._topology
-        if topo.distributed:  # every rank flushes at the same steps: the collectives line up
-            if not process_group_alive():
-                raise RuntimeError(
-                    f"the process group was destroyed before this watcher was closed: the last "
-                    f"{n} recorded steps cannot be combined across ranks and are lost. Close the "
-                    "watcher (leave its `with` block) before "
-                    "torch.distributed.destroy_process_group()"
-                )
-            self._check_last_flush()
-            header = flush_header(n, self._block_steps[0], self._collective_device)
-            self._last_flush = (host_copy(topo.ranks.gather(header)), n, self._block_steps[0])
-            rows = self._tensor_rows.rows  # the whole capacity: the same shapes on every rank
-            if topo.sharded:
-                combine_tensors = lambda block: combine_shards(block, topo.shards)  # noqa: E731
-            combine_modules = lambda block: combine_flags(block, topo.ranks, topo.rank)  # noqa: E731
-            gather_scalars = self._gather_scalars
-            gathered_names = host_copy(topo.ranks.gather(self._encoded_names(names)))
-            finish_scalars = lambda values: combine_gathered_scalars(  # noqa: E731
-                values, gathered_names.wait(), names, {GLOBAL_GRAD_NORM}, topo.sharded
+        if not self._publisher.started:
+            self._publisher.start(
+                self.inventory,
+                self._module_probes,
+                self._topology.world_size,
+                learning_rates(self.optimizer, self.inventory),
             )
-        self._writer.write_block(
-            PendingBlock(
-                list(self._block_steps),
-                TENSOR_STATS,
-                self._tensor_rows.take(rows, combine=combine_tensors),
-                MODULE_STATS,
-                self._module_rows.take(rows, order=self._module_order, combine=combine_modules),
-                names,
-                self._scalar_rows.take(rows, width=len(names), combine=gather_scalars),
-                self._probe_records.take(),
-                finish_scalars,
-            )
-        )
-        self._block_steps.clear()
-
-    def _check_last_flush(self) -> None:
-        """Under torch.distributed: raise on every rank alike if the ranks' previous flushes
-        covered different steps. Its gathered header was copied to the host a block ago, so
-        reading it waits for nothing (at close(): for the last flush's copy)."""
-        if self._last_flush is None:
-            return
-        headers, rows, first_step = self._last_flush
-        self._last_flush = None
-        check_flushed_alike(headers.wait(), rows, first_step)
-
-    def _gather_scalars(self, block: Tensor) -> Tensor:
-        """[world, rows, GATHERED_SCALARS]: this block's scalars [rows, names] from every rank,
-        each padded to the same width."""
-        padded = block.new_full((block.shape[0], GATHERED_SCALARS), torch.nan)
-        width = min(block.shape[1], GATHERED_SCALARS)
-        padded[:, :width] = block[:, :width]
-        return self._topology.ranks.gather(padded)
-
-    def _encoded_names(self, names: tuple[str, ...]) -> Tensor:
-        """The scalar names as bytes on the device (`encode_names`), made again only when they
-        change: an asynchronous copy, no host sync."""
-        if self._names_on_device is None or self._names_on_device[0] != names:
-            raw = torch.frombuffer(bytearray(encode_names(names)), dtype=torch.uint8)
-            self._names_on_device = (names, to_device(raw, self._scalar_rows.data.device))
-        return self._names_on_device[1]
+        assert self._publisher.module_order is not None
+        block = self._block.take(self._publisher.module_order, self._probe_records.take())
+        if block is not None:
+            self._writer.write_block(block)
 
     # ---- set-up helpers ----------------------------------------------------------------------
     def _open(self) -> bool:
@@ -554,8 +443,7 @@ class Watcher:
         if self._closed:
             return
         error = self._failsafe.error
-        if self._block_steps and self._block_steps[-1] == self._step:
-            self._block_steps.pop()  # the failing step's row is half written: not stored
+        self._block.drop_step(self._step)  # the failing step's row is half written
         try:
             first_line = str(error).splitlines()[0][:300] if str(error) else ""
             self._writer.write_meta(
@@ -570,71 +458,6 @@ class Watcher:
             self.close()
         except Exception as exc:  # the interpreter is exiting: report, do not mask the exit
             logger.error("gradwatch: closing the run at exit failed: %s", exc)
-
-    def _fix_layout(self) -> None:
-        """At the first flush: order the modules as the first forward pass called them, store
-        that order, and start the diagnosis and the sinks, which need it."""
-        probes = self._module_probes
-        called = set(probes.forward_order)
-        order = probes.forward_order + [c for c in range(len(probes.names)) if c not in called]
-        self._module_order = to_device(order, self.inventory.device, torch.long)
-        modules = [probes.names[c] for c in order]
-        self._writer.write_modules([(probes.names[c], probes.types[c]) for c in order])
-        layout = ModelLayout(
-            tensors=tuple(self.inventory.names),
-            tensor_modules=tuple(t.module for t in self.inventory.tensors),
-            modules=tuple(modules),
-            module_types=tuple(probes.types[c] for c in order),
-            owns_parameters=tuple(probes.owns_parameters(c) for c in order),
-            builtin=tuple(probes.builtin(c) for c in order),
-            zeroing=tuple(probes.zeroing(c) for c in order),
-            saturating=tuple(probes.saturating(c) for c in order),
-            world_size=self._topology.world_size,
-            tensor_dtypes=tuple(t.dtype for t in self.inventory.tensors),
-            module_dtypes=tuple(probes.output_dtype(c) for c in order),
-            tensor_ranks=tuple(len(t.shape) for t in self.inventory.tensors),
-            called=tuple(c in called for c in order),
-            tensor_lr=self._learning_rates(),
-        )
-        self._diagnosis = Diagnosis(layout, self._publish)
-        self._writer.block_listeners.append(self._diagnose)
-        tensors = self.inventory.names
-        for sink in self._sinks:
-            self._writer.block_listeners.append(
-                lambda block, sink=sink: sink.write_block(block, tensors, modules)
-            )
-
-    def _learning_rates(self) -> tuple[float | None, ...]:
-        """The learning rate of the parameter group holding each watched tensor, None where no
-        group does (1.0 for all without an optimizer)."""
-        if self.optimizer is None:
-            return (1.0,) * len(self.inventory.params)
-        lr = {
-            id(p): float(group["lr"]) if isinstance(group.get("lr"), (int, float)) else 1.0
-            for group in self.optimizer.param_groups
-            for p in group["params"]
-        }
-        return tuple(lr.get(id(p)) for p in self.inventory.params)
-
-    def _diagnose(self, block: StatsBlock) -> None:
-        """Store the guards' clip events of the block and diagnose it with them (in the writer
-        thread)."""
-        scalars = {name: block.scalar(name) for name in block.scalar_names}
-        events = [e for guard in self._guards for e in guard.events(block.steps, scalars)]
-        if events:
-            self._writer.write_events(events)
-        assert self._diagnosis is not None
-        self._diagnosis(dataclasses.replace(block, events=tuple(events)))
-
-    def _publish(self, findings: list[Finding]) -> None:
-        """Store new or extended findings and pass them to the sinks (in the writer thread)."""
-        self._writer.write_findings(findings)
-        for finding in findings:
-            if (finding.kind, finding.layer) not in self._announced:
-                self._announced.add((finding.kind, finding.layer))
-                logger.warning("gradwatch finding: %s", finding)
-        for sink in self._sinks:
-            sink.write_findings(findings)
 
 
 eager_unless_traced(Watcher._close_if_failed)
