@@ -20,7 +20,7 @@ from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 from torch._dynamo.utils import counters
 
 import gradwatch as gw
-from gradwatch.stats.flow import MODULE_STATS
+from gradwatch.stats.flow import MODULE_STATS, ProbeMode
 from gradwatch.stats.grads import TENSOR_STATS
 
 STEPS = 60
@@ -182,7 +182,8 @@ def test_watching_adds_no_graph_breaks_to_the_users_forward(tmp_path):
     plain = dynamo.explain(model)(tokens)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     with gw.watch(model, optimizer, run_dir=tmp_path / "run", probe_every=1) as w:
-        for mode in (2, 1):  # a probe step's forward, then a recorded step's
+        # a probe step's forward, then a recorded step's
+        for mode in (ProbeMode.PROBE, ProbeMode.RECORD):
             w._module_probes.mode = mode
             dynamo.reset()
             watched = dynamo.explain(model)(tokens)

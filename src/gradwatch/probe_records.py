@@ -23,7 +23,7 @@ from gradwatch.distributed import Topology
 from gradwatch.inventory import Inventory
 from gradwatch.stats.attention import ATTENTION, AttentionProbes
 from gradwatch.stats.buffer import HostCopy, ProbeArrays
-from gradwatch.stats.flow import MODULE_STATS, ModuleProbes
+from gradwatch.stats.flow import MODULE_STATS, ModuleProbes, ProbeMode
 from gradwatch.stats.grads import (
     GRAD_NORM,
     PE_NORM_MAX,
@@ -176,7 +176,7 @@ class ProbeRecords:
         as scalars."""
         assert self.examples is not None
         # The fallback re-runs modules: gradwatch's own probes must not record those calls.
-        mode, self.module_probes.mode = self.module_probes.mode, 0
+        mode, self.module_probes.mode = self.module_probes.mode, ProbeMode.IDLE
         self.time_probes.probe = self.attention.probe = False
         try:
             found = self.examples.record(self.inventory.device)

@@ -46,7 +46,7 @@ from gradwatch.publishing import Publisher, learning_rates
 from gradwatch.recorded_block import GLOBAL_GRAD_NORM, RecordedBlock
 from gradwatch.run_start import fingerprint, open_store, run_meta
 from gradwatch.sinks.base import Sink
-from gradwatch.stats.flow import ModuleProbes
+from gradwatch.stats.flow import ModuleProbes, ProbeMode
 from gradwatch.stats.grads import (
     ADAM_EPS_FRAC,
     GradStatistics,
@@ -387,7 +387,13 @@ class Watcher:
         """Move the step counter; tell the module probes what the next forward pass belongs to
         (the forward of step s runs while the counter is s, with or without an optimizer)."""
         self._step = step
-        self._module_probes.mode = 2 if self._probes(step) else 1 if self._records(step) else 0
+        self._module_probes.mode = (
+            ProbeMode.PROBE
+            if self._probes(step)
+            else ProbeMode.RECORD
+            if self._records(step)
+            else ProbeMode.IDLE
+        )
         self._probe_records.set_step(self._probes(step), self._histograms(step))
 
     def _open_row(self, step: int) -> int:

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from gradwatch.extras import optional
+from gradwatch.guards.base import EVENT_KINDS
 from gradwatch.report.data import ReportData
 
 
@@ -105,7 +106,7 @@ def _meta_html(data: ReportData) -> str:
         "recorded steps": f"{len(data.steps)}"
         + (f" ({data.steps[0]}–{data.steps[-1]})" if len(data.steps) else ""),
         "guard events": ", ".join(
-            f"{k}: {sum(e.kind == k for e in data.events)}" for k in ("clip", "skip", "rollback")
+            f"{k}: {sum(e.kind == k for e in data.events)}" for k in EVENT_KINDS
         ),
     }
     rows.update(

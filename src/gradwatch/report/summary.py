@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from gradwatch.extras import optional
+from gradwatch.guards.base import EVENT_KINDS
 from gradwatch.report.data import ReportData
 
 WORST = 5
@@ -72,7 +73,7 @@ def print_summary(run_dir: str | Path) -> None:
                     name, "gradient is 0" if side == "zero" else f"{distance:+.1f} ({side})"
                 )
             console.print(table)
-        events = {k: sum(e.kind == k for e in data.events) for k in ("clip", "skip", "rollback")}
+        events = {k: sum(e.kind == k for e in data.events) for k in EVENT_KINDS}
         if any(events.values()):
             console.print("guard events: " + ", ".join(f"{k} {v}" for k, v in events.items()))
     finally:

@@ -45,6 +45,7 @@ Nothing here syncs with the host: values stay device tensors until the step's ro
 
 from __future__ import annotations
 
+import enum
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -188,11 +189,19 @@ def first_tensor(output: Any) -> Tensor | None:
     return None
 
 
+class ProbeMode(enum.IntEnum):
+    """What the forward pass in progress belongs to (`ModuleProbes.mode`)."""
+
+    IDLE = 0  # a step that is not recorded
+    RECORD = 1  # a recorded step: non-finite flags only
+    PROBE = 2  # a probe step: every module statistic
+
+
 class ModuleProbes:
     """Forward hooks on the probed modules that collect one step's module statistics.
 
-    `mode` tells the hooks what the forward pass in progress belongs to: 0 = a step that is not
-    recorded, 1 = a recorded step (non-finite flags only), 2 = a probe step (everything); the
+    `mode` (a `ProbeMode`) tells the hooks what the forward pass in progress belongs to: a step
+    that is not recorded, a recorded step (non-finite flags only), or a probe step (everything); the
     watcher sets it whenever its step counter moves. Passes under `torch.no_grad()` (evaluation)
     are ignored. `write(row, probe)` turns what was collected into a buffer row [modules,
     len(MODULE_STATS)] and starts afresh; on a probe step it issues one all-reduce over `ranks`.
@@ -224,7 +233,7 @@ class ModuleProbes:
         self._flagged_every_step = [owns_parameters(m) or is_custom_leaf(m) for m in self._modules]
         self.forward_order: list[int] = []  # columns in the order of their first forward call
         self._seen: set[int] = set()
-        self.mode = 0
+        self.mode = ProbeMode.IDLE
         self.histograms = False  # whether this probe step counts `act_hist`
         width = len(self._modules)
         wide = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
@@ -280,7 +289,7 @@ class ModuleProbes:
                 self._seen.add(column)
                 self.forward_order.append(column)
             mode = self.mode
-            if mode == 0 or (mode == 1 and not flagged_every_step):
+            if mode == ProbeMode.IDLE or (mode == ProbeMode.RECORD and not flagged_every_step):
                 return
             y = first_tensor(output)
             if y is None or not y.is_floating_point():
@@ -289,7 +298,7 @@ class ModuleProbes:
             total = torch.sum(y.detach(), dtype=torch.float32).to(self.device)
             self._sums.select(0, column).add_(total)
             self._calls.select(0, column).add_(1)
-            if mode == 2:
+            if mode == ProbeMode.PROBE:
                 if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
                     self._count_norm_values(column, args)
                 if column not in self._output_dtypes:

@@ -68,9 +68,6 @@ class NoiseScale:
         ratio = self._trace / self._square
         return torch.where(self._square > 0, ratio, torch.nan).float()
 
-    def state_dict(self) -> dict[str, object]:
-        return {"trace": self._trace, "square": self._square, "count": self._count}
-
 
 class PartialGradients:
     """The squared norms of the local gradients of a step's parts (micro-batches, ranks), for
