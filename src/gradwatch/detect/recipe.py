@@ -12,13 +12,12 @@ one odd batch or the last batch of an epoch does not reach it.
 from __future__ import annotations
 
 from collections import deque
-from typing import Any
 
 import numpy as np
 
 from gradwatch.detect.findings import Finding
 from gradwatch.detect.layout import ModelLayout
-from gradwatch.detect.streaks import streak
+from gradwatch.detect.streaks import Memory, streak
 from gradwatch.detect.wiring import moving
 from gradwatch.stats.buffer import StatsBlock
 
@@ -54,8 +53,6 @@ INPUT_PROBES = 2
 # batchnorm_small_batch: fewer values per channel than this, on BN_PROBES probe steps in a row.
 BN_MIN_VALUES = 16
 BN_PROBES = 2
-
-Memory = dict[str, Any]
 
 
 def _probe_scalar_rows(block: StatsBlock, name: str) -> list[tuple[int, float]]:

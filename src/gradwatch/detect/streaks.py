@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+# What a rule keeps across the blocks of one run (running windows, streaks, the first values).
+Memory = dict[str, Any]
+
 
 def streak(memory: dict[str, Any], key: Any, step: int, holds: bool, needed: int) -> int | None:
     """Track a condition per `key` over successive probe steps (in a rule's `memory`, so streaks

@@ -10,13 +10,11 @@ So the thresholds below only absorb rounding, and the streaks absorb one odd ste
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
 from gradwatch.detect.findings import Finding
 from gradwatch.detect.layout import ModelLayout
-from gradwatch.detect.streaks import streak
+from gradwatch.detect.streaks import Memory, streak
 from gradwatch.stats.buffer import StatsBlock
 
 # stale_gradients: a tensor's carried-over gradient is at least this share of its step gradient ...
@@ -46,8 +44,6 @@ def moving(norms: np.ndarray) -> np.ndarray:
 
 # symmetric_weights: ‖W − mean row‖ / ‖W‖ at or below this (float32 rounding of equal rows).
 SYMMETRIC_SPREAD = 1e-6
-
-Memory = dict[str, Any]
 
 
 def _listed(layout: ModelLayout, tensors: list[int], limit: int = 5) -> str:
