@@ -8,10 +8,10 @@ import numpy as np
 import torch
 
 from gradwatch.inventory import TensorInfo
+from gradwatch.run_writer import RunWriter
 from gradwatch.stats.buffer import HostCopy, PendingBlock
 from gradwatch.stats.flow import MODULE_STATS
 from gradwatch.stats.grads import TENSOR_STATS
-from gradwatch.store import RunWriter
 
 
 def _host(array: np.ndarray) -> HostCopy:

@@ -121,7 +121,7 @@ def test_run_metadata_describes_model_and_versions(tmp_path):
 
 
 def test_every_failed_write_is_reported_and_close_raises_the_first(tmp_path, caplog):
-    from gradwatch.store import RunWriter
+    from gradwatch.run_writer import RunWriter
 
     writer = RunWriter(tmp_path / "run")
     writer.write_tensors([object()])  # no name, module, shape: the insert fails

@@ -12,8 +12,8 @@ from gradwatch.detect.findings import Finding
 from gradwatch.gradcheck import GradcheckReport, GradcheckRow, gradcheck
 from gradwatch.guards.base import Event
 from gradwatch.report.html import report
+from gradwatch.run_reader import Run, open_run
 from gradwatch.stats.per_example import PerExampleNorms, per_example_grad_norms
-from gradwatch.store import Run, open_run
 from gradwatch.version import __version__
 from gradwatch.watcher import Watcher, watch
 

@@ -18,11 +18,11 @@ from gradwatch.detect.findings import Finding
 from gradwatch.detect.layout import ModelLayout
 from gradwatch.guards.base import Guard
 from gradwatch.inventory import Inventory
+from gradwatch.run_writer import DiscardingWriter, RunWriter
 from gradwatch.sinks.base import Sink
 from gradwatch.stats.buffer import StatsBlock
 from gradwatch.stats.device import to_device
 from gradwatch.stats.flow import ModuleProbes
-from gradwatch.store import DiscardingWriter, RunWriter
 
 logger = logging.getLogger("gradwatch")
 

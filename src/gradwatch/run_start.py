@@ -18,7 +18,7 @@ from gradwatch.config import WatchConfig
 from gradwatch.distributed import Topology, agree, module_class
 from gradwatch.guards.base import Guard
 from gradwatch.inventory import Inventory
-from gradwatch.store import DiscardingWriter, RunWriter
+from gradwatch.run_writer import DiscardingWriter, RunWriter
 
 
 def open_store(

@@ -95,7 +95,7 @@ class TensorBoard:
 def export_tensorboard(run_dir: str | Path, log_dir: str | Path) -> Path:
     """Write a stored run (live or finished) as TensorBoard event files in `log_dir`."""
     from gradwatch.report.data import processes_line
-    from gradwatch.store import Run
+    from gradwatch.run_reader import Run
 
     run = Run(run_dir)
     sink = TensorBoard(log_dir)
