@@ -9,7 +9,8 @@ from __future__ import annotations
 from gradwatch import guards, sinks
 from gradwatch.config import WatchConfig
 from gradwatch.detect.findings import Finding
-from gradwatch.gradcheck import GradcheckReport, GradcheckRow, gradcheck
+from gradwatch.gradcheck import gradcheck
+from gradwatch.gradcheck_report import GradcheckReport, GradcheckRow
 from gradwatch.guards.base import Event
 from gradwatch.report.html import report
 from gradwatch.run_reader import Run, open_run

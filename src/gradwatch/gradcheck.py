@@ -32,121 +32,18 @@ modules, not with the number of parameters. `report.evaluations` counts the forw
 
 from __future__ import annotations
 
-import copy
 import math
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from gradwatch.errors import InputError
+from gradwatch.gradcheck_report import GradcheckReport, GradcheckRow
+from gradwatch.structures import copy_model, floating_tensors, map_floating, snapshot
 
-STATUSES = ("ok", "mismatch", "inconclusive")
 _ROUNDING = 64 * 2.0**-52  # float64 rounding allowance, relative to the values differenced
-
-
-@dataclass(frozen=True, slots=True)
-class GradcheckRow:
-    """One comparison: a parameter's directional derivative or a module's VJP."""
-
-    name: str
-    kind: str  # "parameter" | "module"
-    status: str  # "ok" | "mismatch" | "inconclusive"
-    analytic: float
-    numeric: float
-    rel_error: float
-    reason: str = ""
-
-
-@dataclass(frozen=True)
-class GradcheckReport:
-    """What `gw.gradcheck` found: `ok` is True when no row is a mismatch."""
-
-    rows: list[GradcheckRow]
-    culprits: list[str]
-    evaluations: int
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return all(r.status != "mismatch" for r in self.rows)
-
-    def __str__(self) -> str:
-        counts = {s: sum(r.status == s for r in self.rows) for s in STATUSES}
-        head = (
-            "gradcheck: backward agrees with finite differences"
-            if self.ok
-            else f"gradcheck: WRONG BACKWARD in {', '.join(repr(c) for c in self.culprits)}"
-        )
-        lines = [
-            head,
-            f"{len(self.rows)} checks ({counts['ok']} ok, {counts['mismatch']} "
-            f"mismatch, {counts['inconclusive']} inconclusive), "
-            f"{self.evaluations} forward evaluations",
-        ]
-        lines += [f"note: {n}" for n in self.notes]
-        width = max([len(r.name or "(model)") for r in self.rows] + [4])
-        lines.append(
-            f"{'name':<{width}}  {'kind':<9}  {'status':<12}  {'analytic':>12}  "
-            f"{'numeric':>12}  {'rel err':>8}  reason"
-        )
-        order = sorted(
-            self.rows, key=lambda r: (r.name not in self.culprits, STATUSES.index(r.status) != 1)
-        )
-        for r in order:
-            lines.append(
-                f"{r.name or '(model)':<{width}}  {r.kind:<9}  {r.status:<12}  "
-                f"{r.analytic:>12.5g}  {r.numeric:>12.5g}  {r.rel_error:>8.1e}  "
-                f"{r.reason}"
-            )
-        return "\n".join(lines)
-
-    def __rich__(self) -> Any:
-        from rich.table import Table
-
-        table = Table(title=str(self).splitlines()[0], caption=str(self).splitlines()[1])
-        for column in ("name", "kind", "status", "analytic", "numeric", "rel err", "reason"):
-            table.add_column(column)
-        style = {"ok": "green", "mismatch": "bold red", "inconclusive": "yellow"}
-        for r in sorted(self.rows, key=lambda r: r.name not in self.culprits):
-            table.add_row(
-                r.name or "(model)",
-                r.kind,
-                f"[{style[r.status]}]{r.status}[/]",
-                f"{r.analytic:.5g}",
-                f"{r.numeric:.5g}",
-                f"{r.rel_error:.1e}",
-                r.reason,
-            )
-        return table
-
-
-def _floating_tensors(obj: Any) -> Iterator[Tensor]:
-    """The floating-point tensors in a (nested) output or argument structure, in order."""
-    if isinstance(obj, Tensor):
-        if obj.is_floating_point():
-            yield obj
-    elif isinstance(obj, dict):
-        for value in obj.values():
-            yield from _floating_tensors(value)
-    elif isinstance(obj, (list, tuple)):
-        for value in obj:
-            yield from _floating_tensors(value)
-
-
-def _map_floating(obj: Any, fn: Callable[[Tensor], Tensor]) -> Any:
-    """Rebuild a (nested) structure with `fn` applied to each floating-point tensor."""
-    if isinstance(obj, Tensor):
-        return fn(obj) if obj.is_floating_point() else obj
-    if isinstance(obj, dict):
-        return type(obj)({k: _map_floating(v, fn) for k, v in obj.items()})
-    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
-        return type(obj)(*(_map_floating(v, fn) for v in obj))
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_map_floating(v, fn) for v in obj)
-    return obj
 
 
 class _Evaluator:
@@ -232,73 +129,12 @@ def _padding_rows(model: nn.Module) -> dict[int, int]:
 
 
 # Values a snapshot shares instead of copying: immutable, or not the caller's to copy.
-_SHARED = (str, bytes, int, float, complex, bool, torch.dtype, torch.device, type, nn.Module)
-
-
-def _snapshot(obj: Any, memo: dict[int, Any] | None = None) -> Any:
-    """A copy of an argument structure with every tensor detached and cloned, also inside other
-    objects (a KV cache); modules, functions and immutable values are shared, not copied."""
-    memo = {} if memo is None else memo
-    if id(obj) in memo:
-        return memo[id(obj)]
-    if isinstance(obj, Tensor):
-        copied = obj.detach().clone()
-    elif obj is None or isinstance(obj, _SHARED) or callable(obj):
-        return obj
-    elif isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
-        copied = type(obj)(*(_snapshot(v, memo) for v in obj))
-    elif isinstance(obj, (list, tuple)):
-        copied = type(obj)(_snapshot(v, memo) for v in obj)
-    elif isinstance(obj, dict):
-        copied = copy.copy(obj)
-        for key, value in obj.items():
-            copied[key] = _snapshot(value, memo)
-    else:
-        try:
-            copied = copy.copy(obj)
-            for key, value in vars(obj).items():
-                setattr(copied, key, _snapshot(value, memo))
-        except (TypeError, AttributeError, copy.Error):
-            return obj  # an object that cannot be copied is shared as it is
-    memo[id(obj)] = copied
-    return copied
-
-
-def _copy_model(model: nn.Module) -> nn.Module:
-    """A deep copy; tensors with a graph kept in a module's attributes (from an earlier forward)
-    are copied detached, since deepcopy cannot copy them."""
-    memo: dict[int, Any] = {}
-    for module in model.modules():
-        for value in vars(module).values():
-            for t in _tensors_in(value):
-                if t.grad_fn is not None:
-                    memo[id(t)] = t.detach().clone()
-    try:
-        return copy.deepcopy(model, memo)
-    except Exception as exc:
-        raise TypeError(
-            f"gradcheck works on a deep copy of the model (so yours stays as it is) and could not "
-            f"copy this {type(model).__name__}: {exc}"
-        ) from exc
-
-
-def _tensors_in(obj: Any, depth: int = 0) -> Iterator[Tensor]:
-    if isinstance(obj, Tensor):
-        yield obj
-    elif depth < 3 and isinstance(obj, (list, tuple)):
-        for value in obj:
-            yield from _tensors_in(value, depth + 1)
-    elif depth < 3 and isinstance(obj, dict):
-        for value in obj.values():
-            yield from _tensors_in(value, depth + 1)
-
-
 def _projection_loss(output: Any, seed: int) -> Tensor:
     """Default loss: <output, R> for a fixed random R per floating output tensor."""
     generator = torch.Generator().manual_seed(seed + 1)
     terms = [
         (t * torch.randn(t.shape, generator=generator, dtype=t.dtype).to(t.device)).sum()
-        for t in _floating_tensors(output)
+        for t in floating_tensors(output)
     ]
     if not terms:
         raise InputError("the model's output holds no floating-point tensor to differentiate")
@@ -340,12 +176,12 @@ def gradcheck(
         raise TypeError("inputs must be a tensor or a tuple of model arguments")
     eps = 1e-6 if eps is None else float(eps)
     loss_of = loss_fn or (lambda out: _projection_loss(out, seed))
-    checked = _copy_model(model).double()
+    checked = copy_model(model).double()
     for p in checked.parameters():
         p.grad = None
-    args = _map_floating(args, lambda t: t.detach().to(torch.float64))
+    args = map_floating(args, lambda t: t.detach().to(torch.float64))
     devices = list(
-        {p.device for p in checked.parameters()} | {t.device for t in _floating_tensors(args)}
+        {p.device for p in checked.parameters()} | {t.device for t in floating_tensors(args)}
     )
     evaluate = _Evaluator(seed, devices)
 
@@ -394,7 +230,7 @@ def gradcheck(
 def _capture(name: str, captured: dict) -> Callable[..., None]:
     def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if name not in captured:  # a module called twice is checked on its first call
-            captured[name] = _snapshot((args, kwargs))
+            captured[name] = snapshot((args, kwargs))
 
     return hook
 
@@ -455,7 +291,7 @@ def _checked_module_row(name, module, captured, *rest) -> GradcheckRow | None:
 def _module_row(
     name, module, captured, evaluate, seed, eps, rtol, atol, padding
 ) -> GradcheckRow | None:
-    inputs = list(_floating_tensors(captured))
+    inputs = list(floating_tensors(captured))
     params = [p for p in module.parameters() if p.requires_grad]
     if not inputs and not params:
         return None
@@ -467,7 +303,7 @@ def _module_row(
     def call(values: list[Tensor]) -> Any:
         """The module on a fresh copy of its captured inputs, floating ones replaced."""
         feed = iter(values)
-        args, kwargs = _map_floating(_snapshot(captured), lambda t: next(feed))
+        args, kwargs = map_floating(snapshot(captured), lambda t: next(feed))
         return module(*args, **kwargs)
 
     def run(shift: float) -> Any:
@@ -480,7 +316,7 @@ def _module_row(
         return call([leaf.clone() for leaf in leaves])
 
     output = evaluate(run_with_leaves)
-    outs = list(_floating_tensors(output))
+    outs = list(floating_tensors(output))
     if not outs:
         return None
     g_generator = torch.Generator().manual_seed(seed + 1)
@@ -508,7 +344,7 @@ def _module_row(
                 return float(
                     sum(
                         (o * c).sum()
-                        for o, c in zip(_floating_tensors(out), cotangents, strict=True)
+                        for o, c in zip(floating_tensors(out), cotangents, strict=True)
                     )
                 )
             finally:
