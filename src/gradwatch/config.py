@@ -65,6 +65,18 @@ class WatchConfig:
                 hint = " (or None to turn them off)" if optional else ""
                 raise ValueError(f"{name} must be an int >= 1{hint}, got {value!r}")
 
+    # The schedule: which steps are recorded, probed, and count histograms.
+    def records(self, step: int) -> bool:
+        return step % self.every == 0 or self.probes(step)
+
+    def probes(self, step: int) -> bool:
+        return self.probe_every is not None and step % self.probe_every == 0
+
+    def histograms(self, step: int) -> bool:
+        """Every `histogram_every`-th probe step, counted in probe steps (the first included)."""
+        every, probe_every = self.histogram_every, self.probe_every
+        return every is not None and self.probes(step) and (step // probe_every) % every == 0  # type: ignore[operator]
+
 
 # What the watcher calls on a guard: checked at watch(), not discovered mid-training.
 _GUARD_METHODS = ("apply", "events", "state_dict", "load_state_dict")

@@ -161,14 +161,14 @@ class Watcher:
 
     def _record_manual_step(self) -> None:
         """What `step()` records: this update's statistics; then the step counter moves on."""
-        if self._records(self._step):
+        if self.config.records(self._step):
             row = self._open_row(self._step)
             self._record_grads(self._statistics.present(), row, self._step)
-            if self._snapshot is not None and self._probes(self._step):
+            if self._snapshot is not None and self.config.probes(self._step):
                 self._record_update()
         self._set_step(self._step + 1)
         self._snapshot = None
-        if self._probes(self._step):  # θ now is θ_before of the next (probe) step
+        if self.config.probes(self._step):  # θ now is θ_before of the next (probe) step
             self._snapshot = self._statistics.snapshot_params()
 
     def log(self, **scalars: float | Tensor) -> None:
@@ -183,7 +183,7 @@ class Watcher:
             loss = scalars["loss"]
             self._last_loss = loss.detach() if isinstance(loss, Tensor) else loss
         target = self._step - 1 if self.optimizer is not None and self._step > 0 else self._step
-        if not self._records(target):
+        if not self.config.records(target):
             return
         row = self._block.row_of(target)
         if row is None:
@@ -264,7 +264,7 @@ class Watcher:
             self._hooks.append(
                 self.optimizer.register_step_post_hook(self._step_hook(self._after_update))
             )
-        elif self._probes(0):
+        elif self.config.probes(0):
             self._snapshot = self._statistics.snapshot_params()
 
     def _before_update(self, optimizer: Any, args: Any, kwargs: Any) -> Any:
@@ -302,12 +302,12 @@ class Watcher:
         """This step's gradient statistics, the guards, and θ_before on probe steps."""
         step = self._step
         present = self._statistics.present()
-        row = self._open_row(step) if self._records(step) else None
+        row = self._open_row(step) if self.config.records(step) else None
         if row is not None or self._guards:
             norm = self._record_grads(present, row, step)
             if self._guards:
                 self._apply_guards(step, present, global_norm(norm, self._topology.shards), row)
-        if self._probes(step):  # after the guards: a rollback changes θ_before
+        if self.config.probes(step):  # after the guards: a rollback changes θ_before
             self._snapshot = self._statistics.snapshot_params()
 
     def _after_update(self, optimizer: Any, args: Any, kwargs: Any) -> None:
@@ -320,7 +320,7 @@ class Watcher:
         """Gradient statistics into `row` (if the step is recorded); the pre-guard global norm of
         this rank's gradients (of its shards, under FSDP2)."""
         self._probe_records.end_forward()
-        probe = self._probes(step)
+        probe = self.config.probes(step)
         norm = self._statistics.record_grads(
             present,
             None if row is None else self._block.tensor_rows.data[row],
@@ -337,7 +337,7 @@ class Watcher:
                     self._statistics,
                     act_hist,
                     (self._block.tensor_rows.data[row], self._block.module_rows.data[row]),
-                    histograms=self._histograms(step),
+                    histograms=self.config.histograms(step),
                     record=lambda name, value: self._block.record_scalar(row, name, value),
                 )
         return norm
@@ -371,30 +371,18 @@ class Watcher:
         if found is not None:
             row[:, ADAM_EPS_FRAC].index_copy_(0, *found)
 
-    def _records(self, step: int) -> bool:
-        return step % self.config.every == 0 or self._probes(step)
-
-    def _probes(self, step: int) -> bool:
-        return self.config.probe_every is not None and step % self.config.probe_every == 0
-
-    def _histograms(self, step: int) -> bool:
-        every, probe_every = self.config.histogram_every, self.config.probe_every
-        return (
-            every is not None and self._probes(step) and (step // probe_every) % every == 0  # type: ignore[operator]
-        )
-
     def _set_step(self, step: int) -> None:
         """Move the step counter; tell the module probes what the next forward pass belongs to
         (the forward of step s runs while the counter is s, with or without an optimizer)."""
         self._step = step
         self._module_probes.mode = (
             ProbeMode.PROBE
-            if self._probes(step)
+            if self.config.probes(step)
             else ProbeMode.RECORD
-            if self._records(step)
+            if self.config.records(step)
             else ProbeMode.IDLE
         )
-        self._probe_records.set_step(self._probes(step), self._histograms(step))
+        self._probe_records.set_step(self.config.probes(step), self.config.histograms(step))
 
     def _open_row(self, step: int) -> int:
         """The buffer row of `step`, flushing a full block first."""

@@ -41,6 +41,21 @@ def spike(block: StatsBlock, layout: ModelLayout, memory: Memory) -> list[Findin
     loss), which the running window absorbs: no finding. So a spike is reported SPIKE_CONFIRM
     recorded steps after it happened, and one in the run's last SPIKE_CONFIRM steps is not.
     """
+    found = _confirmed_spikes(block, layout, memory)
+    if not found:
+        return []
+    memory["count"] = memory.get("count", 0) + len(found)
+    steps = memory.setdefault("steps", [])  # the first SPIKE_STEPS_KEPT, as the evidence shows
+    steps.extend(c["step"] for c in found)
+    del steps[SPIKE_STEPS_KEPT:]
+    return [_spike_finding(found, memory)]
+
+
+def _confirmed_spikes(
+    block: StatsBlock, layout: ModelLayout, memory: Memory
+) -> list[dict[str, Any]]:
+    """The spike candidates of earlier steps that this block confirms (the norm came back), in
+    step order; new candidates wait in `memory["pending"]`."""
     history: deque[float] = memory.setdefault("history", deque(maxlen=SPIKE_WINDOW))
     pending: list[dict[str, Any]] = memory.setdefault("pending", [])
     norms = block.scalar("global_grad_norm")
@@ -78,39 +93,36 @@ def spike(block: StatsBlock, layout: ModelLayout, memory: Memory) -> list[Findin
                     }
                 )
         history.append(x)
-    if not found:
-        return []
-    memory["count"] = memory.get("count", 0) + len(found)
-    steps = memory.setdefault("steps", [])  # the first SPIKE_STEPS_KEPT, as the evidence shows
-    steps.extend(c["step"] for c in found)
-    del steps[SPIKE_STEPS_KEPT:]
+    return found
+
+
+def _spike_finding(found: list[dict[str, Any]], memory: Memory) -> Finding:
+    """The finding of the spikes confirmed in a block (the count and steps run over the run)."""
     worst = max(found, key=lambda c: c["ratio"])
     top = worst["leader"]
-    return [
-        Finding(
-            kind="spike",
-            layer="",
-            step=found[0]["step"],
-            last_step=found[-1]["step"],
-            severity="warning",
-            message=(
-                f"{memory['count']} gradient-norm spikes so far; the largest at step "
-                f"{worst['step']}: {worst['norm']:.3g}, {worst['ratio']:.1f}x the running level "
-                f"(robust z = {worst['z']:.0f}), back to its level within {SPIKE_CONFIRM} steps"
-                + (f", led by {top!r}" if top else "")
-                + ". Likely cause: an outlier or corrupted "
-                "batch, or a learning rate at the edge of stability."
-            ),
-            evidence={
-                "count": memory["count"],
-                "steps": memory["steps"],
-                "largest_ratio": worst["ratio"],
-                "largest_step": worst["step"],
-                "leading_tensor": top,
-            },
-            remedy=(
-                "cap spikes with gw.guards.ZClip() (or ClipNorm), check the batches at these "
-                "steps, and lower the learning rate or lengthen warm-up"
-            ),
-        )
-    ]
+    return Finding(
+        kind="spike",
+        layer="",
+        step=found[0]["step"],
+        last_step=found[-1]["step"],
+        severity="warning",
+        message=(
+            f"{memory['count']} gradient-norm spikes so far; the largest at step "
+            f"{worst['step']}: {worst['norm']:.3g}, {worst['ratio']:.1f}x the running level "
+            f"(robust z = {worst['z']:.0f}), back to its level within {SPIKE_CONFIRM} steps"
+            + (f", led by {top!r}" if top else "")
+            + ". Likely cause: an outlier or corrupted "
+            "batch, or a learning rate at the edge of stability."
+        ),
+        evidence={
+            "count": memory["count"],
+            "steps": memory["steps"],
+            "largest_ratio": worst["ratio"],
+            "largest_step": worst["step"],
+            "leading_tensor": top,
+        },
+        remedy=(
+            "cap spikes with gw.guards.ZClip() (or ClipNorm), check the batches at these "
+            "steps, and lower the learning rate or lengthen warm-up"
+        ),
+    )

@@ -257,24 +257,7 @@ def not_updated(block: StatsBlock, layout: ModelLayout, memory: Memory) -> list[
     net whose gradient vanishes, which `vanishing` names), as are fp16/bf16 parameters (an
     update below their resolution rounds away: a precision problem).
     """
-    if "update_ratio" not in block.tensor_stats:
-        return []
-    ratios, norms = block.tensor_series("update_ratio"), block.tensor_series("grad_norm")
-    skipped = _skipped_steps(block)
-    found: dict[int, int] = {}
-    for r in _probe_rows(block):
-        step = int(block.steps[r])
-        live = moving(norms[r])
-        if step in skipped or not live.any():
-            continue
-        for t in range(len(layout.tensors)):
-            if not (np.isfinite(ratios[r, t]) and live[t]):
-                continue
-            if not layout.updates_representable(t):
-                continue
-            first = streak(memory, t, step, bool(ratios[r, t] == 0), PERSISTENT_PROBES)
-            if first is not None:
-                found[t] = first
+    found = _unchanged(block, layout, memory)
     if not found:
         return []
     lrs = layout.tensor_lr or (1.0,) * len(layout.tensors)
@@ -315,6 +298,30 @@ def not_updated(block: StatsBlock, layout: ModelLayout, memory: Memory) -> list[
                 )
             )
     return findings
+
+
+def _unchanged(block: StatsBlock, layout: ModelLayout, memory: Memory) -> dict[int, int]:
+    """The tensors with a moving gradient left unchanged on PERSISTENT_PROBES probe steps in a
+    row, each with the first step of its streak."""
+    if "update_ratio" not in block.tensor_stats:
+        return {}
+    ratios, norms = block.tensor_series("update_ratio"), block.tensor_series("grad_norm")
+    skipped = _skipped_steps(block)
+    found: dict[int, int] = {}
+    for r in _probe_rows(block):
+        step = int(block.steps[r])
+        live = moving(norms[r])
+        if step in skipped or not live.any():
+            continue
+        for t in range(len(layout.tensors)):
+            if not (np.isfinite(ratios[r, t]) and live[t]):
+                continue
+            if not layout.updates_representable(t):
+                continue
+            first = streak(memory, t, step, bool(ratios[r, t] == 0), PERSISTENT_PROBES)
+            if first is not None:
+                found[t] = first
+    return found
 
 
 def _outside_cause(layout: ModelLayout, outside: list[int]) -> str:
