@@ -170,20 +170,13 @@ def gradcheck(
     if not isinstance(model, nn.Module):
         raise TypeError(f"gradcheck() needs a torch.nn.Module as model, got {type(model).__name__}")
     args = inputs if isinstance(inputs, tuple) else (inputs,)
-    if not all(
-        isinstance(a, (Tensor, int, float, bool, type(None), list, tuple, dict)) for a in args
-    ):
+    if not all(isinstance(a, _ARGUMENT_TYPES) for a in args):
         raise TypeError("inputs must be a tensor or a tuple of model arguments")
     eps = 1e-6 if eps is None else float(eps)
     loss_of = loss_fn or (lambda out: _projection_loss(out, seed))
-    checked = copy_model(model).double()
-    for p in checked.parameters():
-        p.grad = None
-    args = map_floating(args, lambda t: t.detach().to(torch.float64))
-    devices = list(
-        {p.device for p in checked.parameters()} | {t.device for t in floating_tensors(args)}
-    )
-    evaluate = _Evaluator(seed, devices)
+    checked, args = _in_float64(model, args)
+    devices = {p.device for p in checked.parameters()} | {t.device for t in floating_tensors(args)}
+    evaluate = _Evaluator(seed, list(devices))
 
     captured: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}
     handles = [
@@ -205,17 +198,7 @@ def gradcheck(
     grads = torch.autograd.grad(base, [p for _, p in named], allow_unused=True)
     padding = _padding_rows(checked)
     rows = _parameter_rows(named, grads, loss, float(base.detach()), seed, eps, rtol, atol, padding)
-    notes = [
-        f"{n} gets no gradient (unused in the forward pass)"
-        for (n, _), g in zip(named, grads, strict=True)
-        if g is None
-    ]
-    notes += [
-        f"{n}: row {padding[id(p)]} (padding_idx) is left out of the directions, it gets no "
-        "gradient by design"
-        for n, p in named
-        if id(p) in padding
-    ]
+    notes = _notes(named, grads, padding)
     rows += [
         _checked_module_row(
             name, module, captured[name], evaluate, seed + 1000 + i, eps, rtol, atol, padding
@@ -225,6 +208,35 @@ def gradcheck(
     ]
     rows = [r for r in rows if r is not None]
     return GradcheckReport(rows, _culprits(rows), evaluate.count, notes)
+
+
+_ARGUMENT_TYPES = (Tensor, int, float, bool, type(None), list, tuple, dict)
+
+
+def _in_float64(model: nn.Module, args: tuple[Any, ...]) -> tuple[nn.Module, tuple[Any, ...]]:
+    """A float64 deep copy of `model` without gradients, and detached float64 copies of the
+    floating tensors in `args`: the user's model and inputs stay as they are."""
+    checked = copy_model(model).double()
+    for p in checked.parameters():
+        p.grad = None
+    return checked, map_floating(args, lambda t: t.detach().to(torch.float64))
+
+
+def _notes(
+    named: list[tuple[str, Tensor]], grads: tuple[Tensor | None, ...], padding: dict[int, int]
+) -> list[str]:
+    """What the report should say about parameters the check leaves (partly) out."""
+    notes = [
+        f"{n} gets no gradient (unused in the forward pass)"
+        for (n, _), g in zip(named, grads, strict=True)
+        if g is None
+    ]
+    return notes + [
+        f"{n}: row {padding[id(p)]} (padding_idx) is left out of the directions, it gets no "
+        "gradient by design"
+        for n, p in named
+        if id(p) in padding
+    ]
 
 
 def _capture(name: str, captured: dict) -> Callable[..., None]:
