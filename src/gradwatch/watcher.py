@@ -79,14 +79,7 @@ class Watcher:
         guards: Sequence[Guard] = (),
         sinks: Sequence[Sink] = (),
     ) -> None:
-        check_model_and_optimizer(unwrap(model), optimizer)
-        self._topology: Topology = topology(model)
-        check_supported(config, self._topology.distributed)
-        model = unwrap(model)
-        if model in _watched_models:
-            raise RuntimeError(
-                f"this {type(model).__name__} is already watched by an open Watcher; close it first"
-            )
+        model, self._topology = _checked(model, optimizer, config)
         self._guards = label_guards(guards, optimizer)
         self._failsafe = Failsafe(
             f"the watcher of run_dir {config.run_dir!r}", passes=(StopTraining,)
@@ -455,6 +448,21 @@ class Watcher:
 
 
 eager_unless_traced(Watcher._close_if_failed)
+
+
+def _checked(model: nn.Module, optimizer: Any, config: WatchConfig) -> tuple[nn.Module, Topology]:
+    """The model to watch (unwrapped from DDP) and how the run is spread, once the model, the
+    optimizer and the schedule are usable and no open watcher has the model; raises with what
+    to change otherwise."""
+    check_model_and_optimizer(unwrap(model), optimizer)
+    topo = topology(model)
+    check_supported(config, topo.distributed)
+    model = unwrap(model)
+    if model in _watched_models:
+        raise RuntimeError(
+            f"this {type(model).__name__} is already watched by an open Watcher; close it first"
+        )
+    return model, topo
 
 
 def watch(
