@@ -115,56 +115,62 @@ def exploding(block: StatsBlock, layout: ModelLayout, memory: Memory) -> list[Fi
     so a warm-up from a learning rate near 0, a restart or a single outlier batch (that is
     `spike`) does not reach them.
     """
-    findings = []
+    found = (_exploding_over_depth(block, layout), _exploding_over_time(block, memory))
+    return [f for f in found if f is not None]
+
+
+def _exploding_over_depth(block: StatsBlock, layout: ModelLayout) -> Finding | None:
+    """`exploding` through the layers of this block, or None."""
     measured = depth_profile(block, layout)
-    if measured is not None and measured[1][0] >= DEPTH_ORDERS:
-        columns, profile = measured
-        per_layer = 10 ** (profile[0] / (len(columns) - 1))
-        findings.append(
-            Finding(
-                kind="exploding",
-                layer=layout.modules[columns[0]],
-                step=int(block.steps[0]),
-                last_step=int(block.steps[-1]),
-                severity="error",
-                message=(
-                    f"the backpropagated gradient grows by {per_layer:.2g}x per layer over "
-                    f"{len(columns)} layers: at {layout.modules[columns[0]]!r} it is "
-                    f"{10 ** profile[0]:.1e} times its size at {layout.modules[columns[-1]]!r}. "
-                    "Likely cause: weights initialised too large for their fan-in (each layer "
-                    "multiplies the signal), or no normalization between layers."
-                ),
-                evidence={
-                    "growth_per_layer": float(per_layer),
-                    "first_to_last": float(10 ** profile[0]),
-                },
-                remedy=(
-                    "initialise with nn.init.kaiming_normal_ (std = sqrt(2/fan_in)) or xavier, add "
-                    "normalization layers, and clip gradients (gw.guards.ClipNorm or ZClip)"
-                ),
-            )
-        )
+    if measured is None or measured[1][0] < DEPTH_ORDERS:
+        return None
+    columns, profile = measured
+    per_layer = 10 ** (profile[0] / (len(columns) - 1))
+    return Finding(
+        kind="exploding",
+        layer=layout.modules[columns[0]],
+        step=int(block.steps[0]),
+        last_step=int(block.steps[-1]),
+        severity="error",
+        message=(
+            f"the backpropagated gradient grows by {per_layer:.2g}x per layer over "
+            f"{len(columns)} layers: at {layout.modules[columns[0]]!r} it is "
+            f"{10 ** profile[0]:.1e} times its size at {layout.modules[columns[-1]]!r}. "
+            "Likely cause: weights initialised too large for their fan-in (each layer "
+            "multiplies the signal), or no normalization between layers."
+        ),
+        evidence={
+            "growth_per_layer": float(per_layer),
+            "first_to_last": float(10 ** profile[0]),
+        },
+        remedy=(
+            "initialise with nn.init.kaiming_normal_ (std = sqrt(2/fan_in)) or xavier, add "
+            "normalization layers, and clip gradients (gw.guards.ClipNorm or ZClip)"
+        ),
+    )
+
+
+def _exploding_over_time(block: StatsBlock, memory: Memory) -> Finding | None:
+    """`exploding` of the global norm against its level in the run's first block, or None."""
     norms = block.scalar("global_grad_norm")
     finite = norms[np.isfinite(norms) & (norms > 0)]
     if finite.size and "reference" not in memory:
         memory["reference"] = float(np.median(finite))
-    if finite.size and np.median(finite) > GLOBAL_GROWTH * memory["reference"]:
-        level = float(np.median(finite))
-        findings.append(
-            Finding(
-                kind="exploding",
-                layer="",
-                step=int(block.steps[0]),
-                last_step=int(block.steps[-1]),
-                severity="error",
-                message=(
-                    f"the global gradient norm rose to {level:.3g}, "
-                    f"{level / memory['reference']:.2g}x its level at the start of the run "
-                    f"({memory['reference']:.3g}). Likely cause: a learning rate too high for this "
-                    "model, so updates feed on themselves."
-                ),
-                evidence={"global_grad_norm": level, "start_level": memory["reference"]},
-                remedy="lower the learning rate or add warm-up; clip gradients (gw.guards.ZClip)",
-            )
-        )
-    return findings
+    if not (finite.size and np.median(finite) > GLOBAL_GROWTH * memory["reference"]):
+        return None
+    level = float(np.median(finite))
+    return Finding(
+        kind="exploding",
+        layer="",
+        step=int(block.steps[0]),
+        last_step=int(block.steps[-1]),
+        severity="error",
+        message=(
+            f"the global gradient norm rose to {level:.3g}, "
+            f"{level / memory['reference']:.2g}x its level at the start of the run "
+            f"({memory['reference']:.3g}). Likely cause: a learning rate too high for this "
+            "model, so updates feed on themselves."
+        ),
+        evidence={"global_grad_norm": level, "start_level": memory["reference"]},
+        remedy="lower the learning rate or add warm-up; clip gradients (gw.guards.ZClip)",
+    )

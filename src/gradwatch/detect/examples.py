@@ -62,38 +62,42 @@ def batch_size(block: StatsBlock, layout: ModelLayout, memory: dict[str, Any]) -
         values = [e[1] for e in estimates[-BATCH_ESTIMATES:]]
         if max(values) > BATCH_SPREAD * min(values):
             continue
-        level = float(np.median(values))
-        message = (
-            f"the batch of {n:.0f} examples is far {side} the gradient noise scale "
-            f"B_simple ≈ {level:.3g} (the last {BATCH_ESTIMATES} estimates: "
-            f"{min(values):.3g} to {max(values):.3g}). "
-            + (
-                "Below B_simple each step's gradient is mostly noise: a batch up to about "
-                "B_simple would need about proportionally fewer steps for the same examples."
-                if side == "below"
-                else "Above B_simple the extra examples barely improve the gradient: the batch "
-                "costs compute the step does not use."
-            )
-        )
-        findings.append(
-            Finding(
-                kind="batch_size",
-                layer="",
-                step=estimates[0][0],
-                last_step=int(step),
-                severity="info",
-                message=message,
-                evidence={"batch": float(n), "b_simple": level, "estimates": values},
-                remedy=(
-                    f"raise the batch towards {level:.3g} (scale the learning rate with it, "
-                    "e.g. linearly, with warm-up), or accumulate gradients over micro-batches"
-                    if side == "below"
-                    else f"lower the batch towards {level:.3g} and take more steps, or raise "
-                    "the learning rate"
-                ),
-            )
-        )
+        findings.append(_batch_finding(side, float(n), estimates[0][0], int(step), values))
     return findings[-1:]
+
+
+def _batch_finding(side: str, n: float, first: int, step: int, values: list[float]) -> Finding:
+    """`batch_size` for a batch of `n` examples `side` ("below"/"above") the noise scale, from
+    the estimates `values` that agree since step `first`."""
+    level = float(np.median(values))
+    message = (
+        f"the batch of {n:.0f} examples is far {side} the gradient noise scale "
+        f"B_simple ≈ {level:.3g} (the last {BATCH_ESTIMATES} estimates: "
+        f"{min(values):.3g} to {max(values):.3g}). "
+        + (
+            "Below B_simple each step's gradient is mostly noise: a batch up to about "
+            "B_simple would need about proportionally fewer steps for the same examples."
+            if side == "below"
+            else "Above B_simple the extra examples barely improve the gradient: the batch "
+            "costs compute the step does not use."
+        )
+    )
+    return Finding(
+        kind="batch_size",
+        layer="",
+        step=first,
+        last_step=step,
+        severity="info",
+        message=message,
+        evidence={"batch": n, "b_simple": level, "estimates": values},
+        remedy=(
+            f"raise the batch towards {level:.3g} (scale the learning rate with it, "
+            "e.g. linearly, with warm-up), or accumulate gradients over micro-batches"
+            if side == "below"
+            else f"lower the batch towards {level:.3g} and take more steps, or raise "
+            "the learning rate"
+        ),
+    )
 
 
 def outlier_examples(

@@ -49,7 +49,17 @@ def nonfinite(block: StatsBlock, layout: ModelLayout, memory: Memory) -> list[Fi
     return []
 
 
-def _nonfinite_finding(block, layout, row, step, origin, direction, bad_tensors) -> Finding:
+def _nonfinite_finding(
+    block: StatsBlock,
+    layout: ModelLayout,
+    row: int,
+    step: int,
+    origin: int,
+    direction: str,
+    bad_tensors: np.ndarray,
+) -> Finding:
+    """The `nonfinite` finding of the module `origin`, where NaN/Inf started at `step` (block
+    row `row`) in the `direction` pass; `bad_tensors` got non-finite gradients."""
     name, kind = layout.modules[origin], layout.module_types[origin]
     rank = None
     if direction == "forward":
@@ -73,6 +83,33 @@ def _nonfinite_finding(block, layout, row, step, origin, direction, bad_tensors)
     )
     stds = block.module_series("act_std")[: row + 1]
     largest = float(np.nanmax(stds)) if np.isfinite(stds).any() else None
+    cause, remedy = _cause_and_remedy(layout, origin, direction, step, on_rank, largest)
+    return Finding(
+        kind="nonfinite",
+        layer=name,
+        step=step,
+        severity="error",
+        message=f"at step {step} {where}; {len(bad_tensors)} parameter tensors got non-finite "
+        f"gradients; {touched}. Likely cause: {cause}.",
+        evidence={
+            "direction": direction,
+            "module_type": kind,
+            "nonfinite_grad_tensors": [layout.tensors[t] for t in bad_tensors[:20]],
+            "parameters_hit": hit[:20],
+            "largest_act_std_before": largest,
+            "rank": rank,
+        },
+        remedy=remedy + "; gw.guards.SkipNonFinite() skips such steps before they reach the "
+        "weights",
+    )
+
+
+def _cause_and_remedy(
+    layout: ModelLayout, origin: int, direction: str, step: int, on_rank: str, largest: float | None
+) -> tuple[str, str]:
+    """The likely cause and the remedy of a non-finite value that starts at module `origin`:
+    the input batch (the first module), overflow (a built-in layer), or custom code."""
+    name, kind = layout.modules[origin], layout.module_types[origin]
     if direction == "forward" and origin == 0:
         cause = (
             f"{name!r} is the first module of the forward pass, so the batch itself{on_rank} "
@@ -98,21 +135,4 @@ def _nonfinite_finding(block, layout, row, step, origin, direction, bad_tensors)
             "below, an exp that overflows, or fp16 overflow"
         )
         remedy = f"inspect {name!r} at step {step}; add an epsilon or clamp its input"
-    return Finding(
-        kind="nonfinite",
-        layer=name,
-        step=step,
-        severity="error",
-        message=f"at step {step} {where}; {len(bad_tensors)} parameter tensors got non-finite "
-        f"gradients; {touched}. Likely cause: {cause}.",
-        evidence={
-            "direction": direction,
-            "module_type": kind,
-            "nonfinite_grad_tensors": [layout.tensors[t] for t in bad_tensors[:20]],
-            "parameters_hit": hit[:20],
-            "largest_act_std_before": largest,
-            "rank": rank,
-        },
-        remedy=remedy + "; gw.guards.SkipNonFinite() skips such steps before they reach the "
-        "weights",
-    )
+    return cause, remedy
