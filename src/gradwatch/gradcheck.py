@@ -178,20 +178,10 @@ def gradcheck(
     devices = {p.device for p in checked.parameters()} | {t.device for t in floating_tensors(args)}
     evaluate = _Evaluator(seed, list(devices))
 
-    captured: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}
-    handles = [
-        m.register_forward_pre_hook(_capture(name, captured), with_kwargs=True)
-        for name, m in checked.named_modules()
-    ]
-    try:
+    def loss() -> Tensor:
+        return evaluate(lambda: loss_of(checked(*args)))
 
-        def loss() -> Tensor:
-            return evaluate(lambda: loss_of(checked(*args)))
-
-        base = loss()
-    finally:
-        for h in handles:
-            h.remove()
+    base, captured = _capturing(checked, loss)
     if base.numel() != 1:
         raise InputError(f"loss_fn must return a scalar, got shape {tuple(base.shape)}")
     named = [(n, p) for n, p in checked.named_parameters() if p.requires_grad]
@@ -237,6 +227,22 @@ def _notes(
         for n, p in named
         if id(p) in padding
     ]
+
+
+def _capturing(
+    model: nn.Module, loss: Callable[[], Tensor]
+) -> tuple[Tensor, dict[str, tuple[tuple[Any, ...], dict[str, Any]]]]:
+    """`loss()` once, with the inputs each module of `model` received on the way (by name)."""
+    captured: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}
+    handles = [
+        m.register_forward_pre_hook(_capture(name, captured), with_kwargs=True)
+        for name, m in model.named_modules()
+    ]
+    try:
+        return loss(), captured
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _capture(name: str, captured: dict) -> Callable[..., None]:

@@ -111,38 +111,43 @@ def underflow(block: StatsBlock, layout: ModelLayout, memory: dict[str, Any]) ->
             first = streak(memory, t, int(step), holds, UNDERFLOW_PROBES)
             if first is not None:
                 found.setdefault(layout.tensor_modules[t], {})[t] = (first, float(share))
-    findings = []
-    for module, tensors in found.items():
-        share = max(share for _, share in tensors.values())
-        precision = layout.precision(next(iter(tensors)))
-        names = ", ".join(repr(layout.tensors[t]) for t in sorted(tensors))
-        findings.append(
-            Finding(
-                kind="underflow",
-                layer=module,
-                step=min(first for first, _ in tensors.values()),
-                last_step=int(block.steps[-1]),
-                severity="error" if share >= 0.9 else "warning",
-                message=(
-                    f"{share:.0%} of the gradient entries of {names} are lost to {precision} "
-                    f"underflow (exact zeros, or below the smallest normal number) for "
-                    f"{UNDERFLOW_PROBES}+ probe steps in a row, while the median watched tensor "
-                    f"loses at most {OTHERS_FRAC:.0%}: this layer's gradient is too small for "
-                    f"{precision}, so it learns from a fraction of its gradient."
-                ),
-                evidence={
-                    "lost_share": share,
-                    "precision": precision,
-                    "tensors": [layout.tensors[t] for t in sorted(tensors)],
-                },
-                remedy=(
-                    "scale the loss with torch.amp.GradScaler (scaler.scale(loss).backward(), "
-                    "scaler.step(optimizer), scaler.update()), train in bf16 instead of fp16 "
-                    "(fp32's range), or keep this layer in fp32 (run it outside autocast)"
-                ),
-            )
-        )
-    return findings
+    return [
+        _layer_finding(module, tensors, layout, int(block.steps[-1]))
+        for module, tensors in found.items()
+    ]
+
+
+def _layer_finding(
+    module: str, tensors: dict[int, tuple[int, float]], layout: ModelLayout, last_step: int
+) -> Finding:
+    """`underflow` of `module`, from its tensors' (first step, lost share)."""
+    share = max(share for _, share in tensors.values())
+    precision = layout.precision(next(iter(tensors)))
+    names = ", ".join(repr(layout.tensors[t]) for t in sorted(tensors))
+    return Finding(
+        kind="underflow",
+        layer=module,
+        step=min(first for first, _ in tensors.values()),
+        last_step=last_step,
+        severity="error" if share >= 0.9 else "warning",
+        message=(
+            f"{share:.0%} of the gradient entries of {names} are lost to {precision} "
+            f"underflow (exact zeros, or below the smallest normal number) for "
+            f"{UNDERFLOW_PROBES}+ probe steps in a row, while the median watched tensor "
+            f"loses at most {OTHERS_FRAC:.0%}: this layer's gradient is too small for "
+            f"{precision}, so it learns from a fraction of its gradient."
+        ),
+        evidence={
+            "lost_share": share,
+            "precision": precision,
+            "tensors": [layout.tensors[t] for t in sorted(tensors)],
+        },
+        remedy=(
+            "scale the loss with torch.amp.GradScaler (scaler.scale(loss).backward(), "
+            "scaler.step(optimizer), scaler.update()), train in bf16 instead of fp16 "
+            "(fp32's range), or keep this layer in fp32 (run it outside autocast)"
+        ),
+    )
 
 
 def _whole_model(memory: dict[str, Any], step: int, typical: float) -> Finding | None:
