@@ -40,10 +40,9 @@ import torch
 from torch import Tensor, nn
 
 from gradwatch.errors import InputError
+from gradwatch.gradcheck_math import Settings, compare, unit_direction, value_along
 from gradwatch.gradcheck_report import GradcheckReport, GradcheckRow
 from gradwatch.structures import copy_model, floating_tensors, map_floating, snapshot
-
-_ROUNDING = 64 * 2.0**-52  # float64 rounding allowance, relative to the values differenced
 
 
 class _Evaluator:
@@ -59,64 +58,6 @@ class _Evaluator:
         with torch.random.fork_rng(devices=self.devices):
             torch.manual_seed(self.seed)
             return fn()
-
-
-def _compare(
-    name: str,
-    kind: str,
-    analytic: float,
-    plus: float,
-    zero: float,
-    minus: float,
-    eps: float,
-    rtol: float,
-    atol: float,
-    recheck: Callable[[float], tuple[float, float, float]],
-) -> GradcheckRow:
-    """Judge an analytic derivative against central and one-sided differences."""
-    numeric = (plus - minus) / (2 * eps)
-    scale = max(abs(analytic), abs(numeric))
-    noise = _ROUNDING * max(abs(plus), abs(zero), abs(minus)) / eps
-    tolerance = atol + rtol * scale + noise
-    rel = abs(analytic - numeric) / scale if scale > 0 else 0.0
-
-    def row(status: str, reason: str = "") -> GradcheckRow:
-        return GradcheckRow(name, kind, status, analytic, numeric, rel, reason)
-
-    if not all(math.isfinite(v) for v in (analytic, plus, zero, minus)):
-        return row("inconclusive", "a non-finite value in the forward pass or the gradient")
-    error = abs(analytic - numeric)
-    if error <= tolerance:
-        return row("ok")
-    # Slopes at a step 1000x smaller must match the one-sided slopes at ε: a kink is piecewise
-    # linear (same slopes at both scales), a smooth function barely curves in between, but a
-    # function computed at low precision moves by whole rounding steps (0, or far too much).
-    tiny = eps / 1000
-    tiny_plus, _, tiny_minus = recheck(tiny)
-    right, left = (plus - zero) / eps, (zero - minus) / eps
-    tiny_right, tiny_left = (tiny_plus - zero) / tiny, (zero - tiny_minus) / tiny
-    slack = 0.05 * (abs(right) + abs(left) + abs(analytic)) + _ROUNDING * abs(zero) / tiny
-    if abs(tiny_right - right) > slack or abs(tiny_left - left) > slack:
-        return row(
-            "inconclusive",
-            "rounding dominates the difference: a cast to lower "
-            "precision inside? (slopes at ε and ε/1000 disagree)",
-        )
-    if abs(right - left) > max(1e-3 * scale, tolerance):
-        return row(
-            "inconclusive",
-            f"a kink (ReLU at 0, max, abs, sort): the one-sided slopes "
-            f"{left:.4g} and {right:.4g} differ",
-        )
-    return row("mismatch", f"autograd {analytic:.6g} vs finite difference {numeric:.6g}")
-
-
-def _unit(like: Tensor, generator: torch.Generator, frozen_rows: int | None = None) -> Tensor:
-    """A random unit direction shaped like `like`; row `frozen_rows` (a padding row) stays 0."""
-    v = torch.randn(like.shape, generator=generator, dtype=torch.float64).to(like.device)
-    if frozen_rows is not None:
-        v[frozen_rows] = 0.0
-    return v / v.norm().clamp_min(1e-300)
 
 
 def _padding_rows(model: nn.Module) -> dict[int, int]:
@@ -187,12 +128,11 @@ def gradcheck(
     named = [(n, p) for n, p in checked.named_parameters() if p.requires_grad]
     grads = torch.autograd.grad(base, [p for _, p in named], allow_unused=True)
     padding = _padding_rows(checked)
-    rows = _parameter_rows(named, grads, loss, float(base.detach()), seed, eps, rtol, atol, padding)
+    settings = Settings(eps, rtol, atol, padding)
+    rows = _parameter_rows(named, grads, loss, float(base.detach()), seed, settings)
     notes = _notes(named, grads, padding)
     rows += [
-        _checked_module_row(
-            name, module, captured[name], evaluate, seed + 1000 + i, eps, rtol, atol, padding
-        )
+        _checked_module_row(name, module, captured[name], evaluate, seed + 1000 + i, settings)
         for i, (name, module) in enumerate(checked.named_modules())
         if name in captured
     ]
@@ -253,13 +193,21 @@ def _capture(name: str, captured: dict) -> Callable[..., None]:
     return hook
 
 
-def _parameter_rows(named, grads, loss, base, seed, eps, rtol, atol, padding) -> list[GradcheckRow]:
+def _parameter_rows(
+    named: list[tuple[str, Tensor]],
+    grads: tuple[Tensor | None, ...],
+    loss: Callable[[], Tensor],
+    base: float,
+    seed: int,
+    settings: Settings,
+) -> list[GradcheckRow]:
+    """One row per parameter tensor: <∂L/∂p, v> against the central difference along v."""
     generator = torch.Generator().manual_seed(seed + 2)
     rows = []
     for (name, p), grad in zip(named, grads, strict=True):
         if grad is None:
             continue
-        v = _unit(p, generator, padding.get(id(p)))
+        v = unit_direction(p, generator, settings.padding.get(id(p)))
 
         def shifted(step: float, p: Tensor = p, v: Tensor = v) -> tuple[float, float, float]:
             values = []
@@ -271,25 +219,14 @@ def _parameter_rows(named, grads, loss, base, seed, eps, rtol, atol, padding) ->
                 p.copy_(original)
             return values[0], base, values[1]
 
-        plus, zero, minus = shifted(eps)
-        rows.append(
-            _compare(
-                name,
-                "parameter",
-                float((grad * v).sum()),
-                plus,
-                zero,
-                minus,
-                eps,
-                rtol,
-                atol,
-                shifted,
-            )
-        )
+        analytic = float((grad * v).sum())
+        rows.append(compare(name, "parameter", analytic, shifted(settings.eps), settings, shifted))
     return rows
 
 
-def _checked_module_row(name, module, captured, *rest) -> GradcheckRow | None:
+def _checked_module_row(
+    name: str, module: nn.Module, captured: Any, *rest: Any
+) -> GradcheckRow | None:
     """`_module_row`, or an inconclusive row saying why the module could not be re-run."""
     try:
         return _module_row(name, module, captured, *rest)
@@ -307,16 +244,23 @@ def _checked_module_row(name, module, captured, *rest) -> GradcheckRow | None:
 
 
 def _module_row(
-    name, module, captured, evaluate, seed, eps, rtol, atol, padding
+    name: str,
+    module: nn.Module,
+    captured: tuple[tuple[Any, ...], dict[str, Any]],
+    evaluate: _Evaluator,
+    seed: int,
+    settings: Settings,
 ) -> GradcheckRow | None:
+    """<VJP_m(g), u> of module `name` against <g, m(x + εu) − m(x − εu)> / 2ε, on the inputs it
+    received; None when it has nothing to check (no floating inputs, parameters or outputs)."""
     inputs = list(floating_tensors(captured))
     params = [p for p in module.parameters() if p.requires_grad]
     if not inputs and not params:
         return None
     generator = torch.Generator().manual_seed(seed)
     # Perturb only finite entries: masks with -inf stay as they are.
-    directions = [_unit(t, generator) * torch.isfinite(t) for t in inputs]
-    param_directions = [_unit(p, generator, padding.get(id(p))) for p in params]
+    directions = [unit_direction(t, generator) * torch.isfinite(t) for t in inputs]
+    param_directions = [unit_direction(p, generator, settings.padding.get(id(p))) for p in params]
 
     def call(values: list[Tensor]) -> Any:
         """The module on a fresh copy of its captured inputs, floating ones replaced."""
@@ -352,29 +296,15 @@ def _module_row(
         if g is not None
     )
 
-    def projected_at(step: float) -> float:
-        with torch.no_grad():
-            originals = [p.detach().clone() for p in params]
-            for p, d in zip(params, param_directions, strict=True):
-                p.add_(step * d)
-            try:
-                out = evaluate(lambda: run(step))
-                return float(
-                    sum(
-                        (o * c).sum()
-                        for o, c in zip(floating_tensors(out), cotangents, strict=True)
-                    )
-                )
-            finally:
-                for p, original in zip(params, originals, strict=True):
-                    p.copy_(original)
+    projected_at = value_along(
+        params, param_directions, lambda step: evaluate(lambda: run(step)), cotangents
+    )
 
     def shifted(step: float) -> tuple[float, float, float]:
         return projected_at(step), projected_at(0.0), projected_at(-step)
 
-    plus, minus = projected_at(eps), projected_at(-eps)
-    zero = float(projected.detach())
-    return _compare(name, "module", analytic, plus, zero, minus, eps, rtol, atol, shifted)
+    values = projected_at(settings.eps), float(projected.detach()), projected_at(-settings.eps)
+    return compare(name, "module", analytic, values, settings, shifted)
 
 
 def _culprits(rows: list[GradcheckRow]) -> list[str]:
