@@ -163,6 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("--seed", type=int, default=0)
     check.set_defaults(handler=_gradcheck)
+    _add_run_command(commands)
+    return parser
+
+
+def _add_run_command(commands: argparse._SubParsersAction) -> None:
+    """`gradwatch run`: watch an unmodified training script."""
     run = commands.add_parser(
         "run",
         help="run an unmodified training script and watch what its optimizers train",
@@ -192,7 +198,6 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("script", nargs="?", help="the training script")
     run.add_argument("args", nargs=argparse.REMAINDER, help="the script's own arguments")
     run.set_defaults(handler=_run)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from gradwatch.errors import InputError
-from gradwatch.gradcheck_math import Settings, compare, unit_direction, value_along
+from gradwatch.gradcheck_math import Settings, compare, random_like, unit_direction, value_along
 from gradwatch.gradcheck_report import GradcheckReport, GradcheckRow
 from gradwatch.structures import copy_model, floating_tensors, map_floating, snapshot
 
@@ -281,10 +281,7 @@ def _module_row(
     outs = list(floating_tensors(output))
     if not outs:
         return None
-    g_generator = torch.Generator().manual_seed(seed + 1)
-    cotangents = [
-        torch.randn(o.shape, generator=g_generator, dtype=o.dtype).to(o.device) for o in outs
-    ]
+    cotangents = random_like(outs, seed + 1)
     projected = sum((o * c).sum() for o, c in zip(outs, cotangents, strict=True))
     wrt = leaves + params
     if not projected.requires_grad:

@@ -115,3 +115,10 @@ def value_along(
                     p.copy_(original)
 
     return projected_at
+
+
+def random_like(tensors: list[Tensor], seed: int) -> list[Tensor]:
+    """N(0, 1) tensors shaped like `tensors` (the cotangents g of a module's outputs), drawn on
+    the CPU from `seed` so that every device draws the same."""
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(t.shape, generator=generator, dtype=t.dtype).to(t.device) for t in tensors]
