@@ -237,6 +237,7 @@ def test_no_chart_of_the_demo_runs_has_an_empty_panel(tmp_path):
             optimizer.step()
             if step % 10 == 0:
                 w.log(accuracy=0.5 + step / 100)
+            w.log(diverged=float("nan"))  # never finite: the panel says so
     runs.append(tmp_path / "sparse")
     for run_dir in runs:
         data = ReportData(run_dir)

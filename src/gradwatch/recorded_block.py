@@ -105,7 +105,7 @@ class RecordedBlock:
                 warnings.warn(
                     f"gradwatch combines at most {GATHERED_SCALARS} scalar names over the ranks; "
                     f"{name!r} and later ones are not stored",
-                    stacklevel=5,
+                    stacklevel=4,
                 )
         return self.scalar_names.index(name)
 

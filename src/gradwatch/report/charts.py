@@ -226,10 +226,11 @@ def _series(ax, steps: np.ndarray, values: np.ndarray, label: str | None = None)
         ax.fill_between(at, low, high, alpha=0.25)
         ax.plot(at, median, lw=1, label=label)
         return
-    picked = recorded[np.unique(np.linspace(0, len(recorded) - 1, MAX_POINTS).astype(int))]
-    few = len(picked) < 10
-    ax.plot(steps[picked], values[picked], marker="o" if few else ".", ms=6 if few else 4,
-            lw=0.6, label=label)  # fmt: skip
+    if len(recorded):
+        picked = recorded[np.unique(np.linspace(0, len(recorded) - 1, MAX_POINTS).astype(int))]
+        few = len(picked) < 10
+        ax.plot(steps[picked], values[picked], marker="o" if few else ".", ms=6 if few else 4,
+                lw=0.6, label=label)  # fmt: skip
     stride = int(np.median(np.diff(steps[recorded]))) if len(recorded) > 1 else 1
     last = int(steps[recorded[-1]]) if len(recorded) else None
     if last is None or int(steps[-1]) - last > max(10, 3 * stride):
