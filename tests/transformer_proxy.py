@@ -423,7 +423,9 @@ def _steps(values: list[float] | list[int | None]) -> str:
 def early(lead: Lead) -> str:
     """Per seed, the largest max logit and lowest entropy up to 50 steps before the separation
     of the mean loss ratio: what a finding 50 steps ahead would have to go on."""
-    if lead.separation is None or lead.separation < 50:
+    if lead.separation is None:
+        return "no separation"
+    if lead.separation < 50:
         return "before training"
     seen = [attention_at(r, lead.separation - 50) for r in lead.runs]
     return ", ".join(f"{m:.0f} / {e:.2f}" for m, e in seen)
