@@ -40,12 +40,18 @@ class CustomStep:
 @contextlib.contextmanager
 def gradwatch_ghost_norms(work: Workload, tmp: Path) -> Iterator[Stepper]:
     names = [n for n, p in work.model.named_parameters() if p.requires_grad]
-    probes = ExampleProbes(work.model, names, "mean")
+    probes = ExampleProbes(work.model, names, "mean", work.inputs.device)
     probes.attach()
     probes.active = True
-    device = work.inputs.device
+
+    def norms() -> None:
+        found = probes.record()
+        probes.active = True  # the next step: room for its signals, zeroed
+        if found is not None:
+            found.totals()
+
     try:
-        yield Stepper(work, lambda: probes.record(device).totals())
+        yield Stepper(work, norms)
     finally:
         probes.detach()
 

@@ -79,7 +79,14 @@ def make(kind: str) -> nn.Module:
     return MLP() if kind == "mlp" else TinyTransformer()
 
 
-def train(kind: str, run_dir, compile_as: str | None, backend: str = "aot_eager", steps=STEPS):
+def train(
+    kind: str,
+    run_dir,
+    compile_as: str | None,
+    backend: str = "aot_eager",
+    steps=STEPS,
+    per_example: bool = False,
+):
     """Train under gw.watch (probe steps every 5); returns the run and the number of graphs dynamo
     had compiled after each step. compile_as: None (eager), "wrap" (torch.compile(model)) or
     "method" (model.compile())."""
@@ -95,7 +102,13 @@ def train(kind: str, run_dir, compile_as: str | None, backend: str = "aot_eager"
     graphs = []
     # histograms on every probe step: the default (every tenth) adds one graph, see below
     with gw.watch(
-        forward, optimizer, run_dir=run_dir, probe_every=5, flush_every=20, histogram_every=1
+        forward,
+        optimizer,
+        run_dir=run_dir,
+        probe_every=5,
+        flush_every=20,
+        histogram_every=1,
+        per_example=per_example,
     ) as w:
         hooks = [h for m in model.modules() for h in m._forward_hooks.values()]
         for x, y in batches(kind)[:steps]:
@@ -175,20 +188,46 @@ def test_one_compiled_variant_per_probe_state(tmp_path):
     assert counters["stats"]["unique_graphs"] <= plain + 3
 
 
-def test_watching_adds_no_graph_breaks_to_the_users_forward(tmp_path):
+@pytest.mark.parametrize("per_example", [False, True])
+def test_watching_adds_no_graph_breaks_to_the_users_forward(tmp_path, per_example):
+    """Also with per_example, whose probe steps record each layer's input and signal and run
+    nn.MultiheadAttention's forward written out (here with its dropout on)."""
     model = make("transformer")
+    for block in model.blocks:
+        block.self_attn.dropout = 0.1
     tokens = batches("transformer")[0][0]
     dynamo.reset()
     plain = dynamo.explain(model)(tokens)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    with gw.watch(model, optimizer, run_dir=tmp_path / "run", probe_every=1) as w:
+    with gw.watch(
+        model, optimizer, run_dir=tmp_path / "run", probe_every=1, per_example=per_example
+    ) as w:
         # a probe step's forward, then a recorded step's
-        for mode in (ProbeMode.PROBE, ProbeMode.RECORD):
+        for probe, mode in ((True, ProbeMode.PROBE), (False, ProbeMode.RECORD)):
             w._module_probes.mode = mode
+            w._probe_records.set_step(probe, histograms=False)
             dynamo.reset()
             watched = dynamo.explain(model)(tokens)
             assert watched.graph_break_count == plain.graph_break_count == 0
             assert watched.graph_count == plain.graph_count
+
+
+def test_per_example_under_compile_records_the_eager_norms(tmp_path):
+    """per_example=True on a compiled transformer (nn.MultiheadAttention, embedding, layer
+    norms): the eager run's per-example norms, no graph break, no new graph after warm-up. The
+    first probe step sizes the signals' workspace, so its values are left out (`Capture`)."""
+    eager, _ = train("transformer", tmp_path / "eager", None, per_example=True)
+    run, graphs = train("transformer", tmp_path / "compiled", "wrap", per_example=True)
+    assert dict(counters["graph_break"]) == {}
+    assert graphs[WARM_UP - 1] == graphs[-1], f"new graphs after warm-up: {graphs}"
+    probes = np.flatnonzero(np.isfinite(eager.series("pe_total_max")))
+    assert len(probes) == STEPS // 5
+    assert np.isnan(run.series("pe_total_max")[probes[0]])
+    for name in ("pe_total_max", "pe_total_p50", "pe_top_share", "pe_norm_max"):
+        np.testing.assert_allclose(
+            run.series(name)[probes[1]:], eager.series(name)[probes[1]:], rtol=1e-4, atol=1e-7,
+            err_msg=name,
+        )  # fmt: skip
 
 
 def test_compiled_with_inductor_records_the_eager_statistics(eager_runs, tmp_path):

@@ -367,36 +367,123 @@ def test_watch_covers_fallback_modules_without_recording_their_replays(tmp_path)
 
 
 def test_a_fallback_module_with_dropout_in_training_is_skipped_not_replayed():
-    """Replaying attention dropout example by example would draw new masks: not the step's."""
+    """A module without a rule that holds a dropout: a replay example by example would draw new
+    masks, not the step's."""
     torch.manual_seed(0)
-    attention = nn.MultiheadAttention(8, 2, dropout=0.5, batch_first=True)
-    x = torch.randn(3, 5, 8)
 
-    def forward_loss(out):
-        return out[0].square().mean()
-
-    class Wrapper(nn.Module):
+    class Gated(nn.Module):  # owns a parameter, has no rule, drops out inside
         def __init__(self) -> None:
             super().__init__()
-            self.attention = attention
+            self.gate = nn.Parameter(torch.randn(8))
+            self.drop = nn.Dropout(0.5)
 
         def forward(self, x):
-            return self.attention(x, x, x, need_weights=False)
+            return self.drop(x * self.gate)
 
-    found = gw.per_example_grad_norms(Wrapper(), forward_loss, x)
-    assert set(found.skipped) == {
-        "attention.in_proj_weight",
-        "attention.in_proj_bias",
-        "attention.out_proj.weight",
-        "attention.out_proj.bias",
-    }
-    assert "attention dropout (p=0.5)" in found.skipped["attention.in_proj_weight"]
+    def forward_loss(out):
+        return out.square().mean()
+
+    x = torch.randn(3, 8)
+    found = gw.per_example_grad_norms(Gated(), forward_loss, x)
+    assert set(found.skipped) == {"gate"}
+    assert "Dropout(p=0.5)" in found.skipped["gate"]
     assert torch.isnan(found.total).all()
-    model = Wrapper().eval()  # no dropout: the fallback runs
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        evaluated = gw.per_example_grad_norms(model, forward_loss, x)
+        evaluated = gw.per_example_grad_norms(Gated().eval(), forward_loss, x)
     assert evaluated.skipped == {} and torch.isfinite(evaluated.total).all()
+
+
+class DropoutAttention(nn.Module):
+    """nn.MultiheadAttention with attention dropout in each of the ways torch's forward takes:
+    self-attention (one packed projection) or cross-attention (key is value) or three inputs;
+    need_weights on (softmax, dropout, bmm) or off (scaled_dot_product_attention); masks;
+    batch or sequence first. Then a TransformerEncoderLayer with dropout 0.1 everywhere."""
+
+    def __init__(self, inputs: str, need_weights: bool, batch_first: bool) -> None:
+        super().__init__()
+        self.inputs, self.need_weights, self.batch_first = inputs, need_weights, batch_first
+        self.embed = nn.Embedding(11, 16)
+        self.attention = nn.MultiheadAttention(16, 4, dropout=0.3, batch_first=batch_first)
+        self.layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.1, batch_first=batch_first)
+        self.head = nn.Linear(16, 11)
+
+    def forward(self, tokens):
+        h = self.embed(tokens)  # [B, T, 16] or [T, B, 16]
+        padding = (tokens == 0) if self.batch_first else (tokens == 0).T
+        steps = h.shape[1] if self.batch_first else h.shape[0]
+        causal = torch.triu(torch.ones(steps, steps, dtype=torch.bool), diagonal=1)
+        key = value = h
+        if self.inputs != "self":
+            key = h.roll(1, dims=1 if self.batch_first else 0)
+            value = key if self.inputs == "cross" else key * 0.5
+        out, _ = self.attention(
+            h, key, value, key_padding_mask=padding, attn_mask=causal,
+            need_weights=self.need_weights,
+        )  # fmt: skip
+        return self.head(self.layer(out + h))
+
+
+@pytest.mark.parametrize(
+    ("inputs", "need_weights", "batch_first"),
+    [("self", False, True), ("self", True, True), ("cross", False, False), ("three", True, False)],
+)
+def test_attention_dropout_norms_equal_per_example_gradients_with_the_steps_masks(
+    inputs, need_weights, batch_first
+):
+    """Attention dropout on: the norms equal per-example gradients ∇ℓ_i, one backward per
+    example through one forward of torch's own nn.MultiheadAttention; the same seed draws the
+    same dropout masks in both forwards (the equal losses show it), so these are the gradients
+    of the step gradwatch saw. (Not torch.func: under its transforms the same seed draws other
+    masks, its forward differs from the plain one by 0.18.)"""
+    torch.manual_seed(0)
+    model = DropoutAttention(inputs, need_weights, batch_first).train()
+    tokens = torch.randint(1, 11, (5, 6))
+    tokens[1:, -2:] = 0
+    targets = torch.randint(0, 11, (5, 6))
+    batch_dim = 0 if batch_first else 1
+    tokens_in = tokens if batch_first else tokens.T
+    params = dict(model.named_parameters())
+
+    def example_losses(out):
+        out = out if batch_first else out.transpose(0, 1)
+        return nn.functional.cross_entropy(out.transpose(1, 2), targets, reduction="none").mean(1)
+
+    torch.manual_seed(1)
+    losses = example_losses(model(tokens_in))
+    rows = [torch.autograd.grad(loss, list(params.values()), retain_graph=True) for loss in losses]
+    expected = {
+        n: torch.stack([r[k] for r in rows]).flatten(1).norm(dim=1) for k, n in enumerate(params)
+    }
+    seen = []
+
+    def loss_fn(out):
+        seen.append(example_losses(out).detach())
+        return seen[-1].new_zeros(()) + example_losses(out).mean()
+
+    torch.manual_seed(1)
+    found = gw.per_example_grad_norms(model, loss_fn, tokens_in, batch_dim=batch_dim)
+    torch.testing.assert_close(seen[0], losses.detach())  # the same masks
+    assert found.skipped == {}
+    for name, norms in expected.items():
+        torch.testing.assert_close(found.per_tensor[name], norms, rtol=1e-4, atol=1e-8, msg=name)
+    assert type(model.attention) is nn.MultiheadAttention  # the swap is undone
+
+
+def test_captured_attention_is_torchs_own_class_in_copies_and_pickles(tmp_path):
+    import pickle
+
+    from gradwatch.stats.per_example import Capture
+
+    model = DropoutAttention("self", False, True)
+    capture = Capture(model)
+    try:
+        assert type(model.attention) is not nn.MultiheadAttention  # swapped while capturing
+        assert type(copy.deepcopy(model).attention) is nn.MultiheadAttention
+        assert type(pickle.loads(pickle.dumps(model.attention))) is nn.MultiheadAttention
+    finally:
+        capture.remove()
+    assert type(model.attention) is nn.MultiheadAttention
 
 
 def test_conv_with_few_positions_uses_the_gram_branch():

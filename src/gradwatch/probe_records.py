@@ -86,7 +86,7 @@ class ProbeRecords:
             )
         if config.per_example:  # not under torch.distributed: `check_supported` refused it
             reduction = "sum" if config.per_example == "sum" else "mean"
-            self.examples = ExampleProbes(model, inventory.names, reduction, shield=shield)
+            self.examples = ExampleProbes(model, inventory.names, reduction, device, shield=shield)
         self._probe = False
 
     def attach(self) -> None:
@@ -179,7 +179,7 @@ class ProbeRecords:
         mode, self.module_probes.mode = self.module_probes.mode, ProbeMode.IDLE
         self.time_probes.probe = self.attention.probe = False
         try:
-            found = self.examples.record(self.inventory.device)
+            found = self.examples.record()
         finally:
             self.module_probes.mode = mode
             self.time_probes.probe = self.attention.probe = self._probe

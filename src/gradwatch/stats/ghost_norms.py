@@ -16,10 +16,11 @@ per parameter, the squared norm of each example's contribution [B]:
   gradient is Σ g ⊙ x̂ (x̂ the normalised input), the bias's Σ g, over all but the channel axes.
   BatchNorm in training mode normalises with the batch's statistics, which couple the examples:
   the result treats them as constants, and a warning says so.
-- `nn.MultiheadAttention` (packed projections, no bias_k/bias_v, no attention dropout active):
-  the attention is recomputed for the batch from the projected q, k, v as leaves; one batched
-  backward gives per-example signals (examples do not interact inside attention), and the in-
-  and out-projections follow the Linear rule.
+- `nn.MultiheadAttention` (packed projections, no bias_k/bias_v): its forward on probe steps
+  is written out (`captured_attention.py`), so the outputs of the in-projection and the input
+  of `out_proj` and their signals come from the step itself, through its dropout masks; the
+  in-projection (`_in_projection`: one linear map per range of its weight rows) and `out_proj`
+  follow the Linear rule.
 - Anything else (`fallback_squares`): each example's vector-Jacobian product of that module
   alone with its captured signal, by `torch.func` (vmap over the examples; example by example
   where vmap cannot run, as for `nn.LSTM`). It costs a per-example backward of the module and
@@ -49,11 +50,17 @@ _warned: set[str] = set()
 
 @dataclass
 class Call:
-    """One call of a module: its inputs, and the signal ∂L/∂y at its (first) output."""
+    """One call of a module: its inputs, and the signal ∂L/∂y at its (first) output (while the
+    step runs, where `Capture.keep_signal` keeps it). A call recorded inside
+    `nn.MultiheadAttention` (`captured_attention.py`) is one of its linear maps, `batch_first`
+    (its input; its signal once `Capture.resolve` has turned it), with the weight `rows` it used
+    (None: all)."""
 
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
-    signal: Tensor | None = None
+    signal: Any = None
+    rows: tuple[int, int] | None = None
+    batch_first: bool = False
 
 
 Rule = Callable[[nn.Module, list[Call]], dict[str, Tensor]]
@@ -77,14 +84,8 @@ def rule_for(module: nn.Module, calls: list[Call]) -> Rule | None:
         and not module.sparse
     ):
         return _embedding
-    if (
-        isinstance(module, nn.MultiheadAttention)
-        and module._qkv_same_embed_dim
-        and module.bias_k is None
-        and not module.add_zero_attn
-        and not (module.training and module.dropout > 0)
-    ):
-        return _attention
+    if isinstance(module, nn.MultiheadAttention) and calls and calls[0].batch_first:
+        return _in_projection
     if isinstance(module, _NORMS):
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
             warn_once(
@@ -98,12 +99,32 @@ def rule_for(module: nn.Module, calls: list[Call]) -> Rule | None:
 
 
 def _linear(module: nn.Module, calls: list[Call]) -> dict[str, Tensor]:
+    return linear_squares(calls, bias=module.bias is not None)
+
+
+def linear_squares(calls: list[Call], *, bias: bool) -> dict[str, Tensor]:
+    """{"weight"[, "bias"]: [B]} of one linear map from its calls (input, output signal)."""
     a = _joined([as_sequence(c.args[0]) for c in calls], dim=1)
     g = _joined([as_sequence(c.signal) for c in calls], dim=1)
     out = {"weight": _outer_squares(a, g)}
-    if module.bias is not None:
-        out["bias"] = g.sum(dim=1).square().sum(dim=1)
+    if bias:
+        out["bias"] = g.float().sum(dim=1).square().sum(dim=1)
     return out
+
+
+def _in_projection(module: nn.Module, calls: list[Call]) -> dict[str, Tensor]:
+    """The in-projection's weight and bias from its recorded pieces: calls on one range of
+    weight rows are one linear map used several times (their terms join); distinct ranges are
+    disjoint parts of the weight (their squares add)."""
+    ranges: dict[tuple[int, int] | None, list[Call]] = {}
+    for call in calls:
+        ranges.setdefault(call.rows, []).append(call)
+    squares: dict[str, Tensor] = {}
+    for pieces in ranges.values():
+        for local, value in linear_squares(pieces, bias=module.in_proj_bias is not None).items():
+            name = f"in_proj_{local}"
+            squares[name] = squares[name] + value if name in squares else value
+    return squares
 
 
 def _conv(module: nn.Module, calls: list[Call]) -> dict[str, Tensor]:
@@ -154,91 +175,10 @@ def _conv(module: nn.Module, calls: list[Call]) -> dict[str, Tensor]:
     return out
 
 
-def _attention(module: nn.Module, calls: list[Call]) -> dict[str, Tensor]:
-    """`nn.MultiheadAttention` (packed projections, no bias_k/bias_v, no attention dropout
-    active): its attention is recomputed for the whole batch from the projected query, key and
-    value, made leaves, with torch's own `multi_head_attention_forward` (identity projections,
-    so masks and causality mean what they meant), and one batched backward of the captured
-    signal gives the signals at the projections' outputs and at out_proj's input. The examples
-    do not interact inside attention, so those are per-example signals: the in-projection and
-    out_proj then follow the Linear rule."""
-    width, heads = module.embed_dim, module.num_heads
-    eye = torch.eye(width, dtype=module.in_proj_weight.dtype, device=module.in_proj_weight.device)
-    w_q, w_k, w_v = module.in_proj_weight.detach().chunk(3)
-    b_q = b_k = b_v = None
-    if module.in_proj_bias is not None:
-        b_q, b_k, b_v = module.in_proj_bias.detach().chunk(3)
-    squares: dict[str, Tensor] = {}
-
-    def add(name: str, value: Tensor) -> None:
-        squares[name] = squares[name] + value if name in squares else value
-
-    for call in calls:
-        bound = _mha_arguments(call)
-        query, key, value = bound["query"], bound["key"], bound["value"]
-        with torch.enable_grad():
-            projected = [
-                F.linear(x, w, b).detach().requires_grad_()
-                for x, w, b in ((query, w_q, b_q), (key, w_k, b_k), (value, w_v, b_v))
-            ]
-            inputs = [p.transpose(0, 1) if module.batch_first else p for p in projected]
-            merged, _ = F.multi_head_attention_forward(
-                *inputs, width, heads, None, None, None, None, False, 0.0, eye, None,
-                training=False, key_padding_mask=bound["key_padding_mask"], need_weights=False,
-                attn_mask=bound["attn_mask"], use_separate_proj_weight=True, q_proj_weight=eye,
-                k_proj_weight=eye, v_proj_weight=eye, is_causal=bound["is_causal"],
-            )  # fmt: skip
-            merged = merged.transpose(0, 1)  # [B, L, E] from the function's [L, B, E]
-            signal = call.signal if module.batch_first else call.signal.transpose(0, 1)
-            grads = torch.autograd.grad(
-                merged, projected, _out_proj_signal(module, signal), allow_unused=True
-            )
-        grads = [g if g is None or module.batch_first else g.transpose(0, 1) for g in grads]
-        inputs_first = [x if module.batch_first else x.transpose(0, 1) for x in (query, key, value)]
-        weight = 0
-        bias = 0
-        for x, g in zip(inputs_first, grads, strict=True):
-            if g is None:
-                continue
-            weight = weight + _outer_squares(as_sequence(x), as_sequence(g))
-            bias = bias + as_sequence(g).float().sum(dim=1).square().sum(dim=1)
-        add("in_proj_weight", weight)
-        if module.in_proj_bias is not None:
-            add("in_proj_bias", bias)
-        add(
-            "out_proj.weight",
-            _outer_squares(as_sequence(merged.detach()), as_sequence(signal)),
-        )
-        if module.out_proj.bias is not None:
-            add("out_proj.bias", as_sequence(signal).float().sum(dim=1).square().sum(dim=1))
-    return squares
-
-
-def rule_reads_layout(rule: Rule) -> bool:
-    """Whether the rule reads the module's own layout (batch_first) rather than batch-first
-    inputs prepared for it."""
-    return rule is _attention
-
-
-def carries_batch(module: nn.Module, call: Call, batch: int) -> bool:
-    """Whether a call's first input and its signal hold the batch on the axis the module's rule
-    reads (axis 0, or 1 for a sequence-first `nn.MultiheadAttention`)."""
-    axis = 1 if isinstance(module, nn.MultiheadAttention) and not module.batch_first else 0
+def carries_batch(call: Call, batch: int) -> bool:
+    """Whether a call's first input and its signal hold the batch on axis 0."""
     signal = call.signal
-    return call.args[0].shape[axis] == batch and signal is not None and signal.shape[axis] == batch
-
-
-def _out_proj_signal(module: nn.MultiheadAttention, signal: Tensor) -> Tensor:
-    """∂L/∂(out_proj's input) from ∂L/∂(its output): g·W_o."""
-    return signal @ module.out_proj.weight.detach()
-
-
-def _mha_arguments(call: Call) -> dict[str, Any]:
-    names = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask")
-    bound = {"key_padding_mask": None, "attn_mask": None, "is_causal": False}
-    bound.update(dict(zip(names, call.args, strict=False)))
-    bound.update(call.kwargs)
-    return bound
+    return call.args[0].shape[0] == batch and signal is not None and signal.shape[0] == batch
 
 
 def _embedding(module: nn.Module, calls: list[Call]) -> dict[str, Tensor]:

@@ -6,9 +6,12 @@ contribution to ∇L (the contribution itself with `reduction="sum"`), so a mask
 sequence loss counts what it counts. The contribution of a layer's parameters comes from the
 layer's input a and the backpropagated signal g = ∂L/∂y at its output, both captured by hooks
 (`Capture`) during one forward and one backward, and turned into per-example squared norms by
-the rules of `ghost_norms.py` (Linear, Conv, Embedding, normalisation layers; a torch.func
-fallback for every other module that owns parameters, such as `nn.MultiheadAttention` whose
-`out_proj` is used without being called, `nn.LSTM`, or a positional embedding owned by the root).
+the rules of `ghost_norms.py` (Linear, Conv, Embedding, normalisation layers, and
+`nn.MultiheadAttention`, whose inner linear maps `captured_attention.py` exposes; a torch.func
+fallback for every other module that owns parameters, such as `nn.LSTM` or a positional
+embedding owned by the root). Everything comes from the step's own forward and backward, so
+dropout counts with the step's masks; only the fallback replays a module, and it refuses one
+that draws random numbers.
 
 `per_example_grad_norms` is the direct API; `ExampleProbes` does the same on the probe steps of
 `gw.watch(..., per_example=...)`, where the noise scale (`noise_scale.py`) is updated too.
@@ -22,6 +25,7 @@ parameter out.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from gradwatch.stats.captured_attention import capturable, swap_in, swap_out
 from gradwatch.stats.device import constant
 from gradwatch.stats.flow import first_tensor
 from gradwatch.stats.ghost_norms import (
@@ -38,7 +43,6 @@ from gradwatch.stats.ghost_norms import (
     fallback_squares,
     random_in_training,
     rule_for,
-    rule_reads_layout,
 )
 from gradwatch.stats.hooks import Shield, unshielded
 from gradwatch.stats.noise_scale import NoiseScale
@@ -76,13 +80,83 @@ class Capture:
     def __init__(self, model: nn.Module, *, shield: Shield = unshielded) -> None:
         self.passes: list[dict[str, list[Call]]] = []
         self.active = True
-        self.shield = shield
+        self._add_into = shield(_add_into)
+        self._add_span = shield(self._add_workspace)
+        self._workspace = torch.zeros(0)
+        self._needed = 0
+        # The step's state lives in lists that only grow (a compiled forward loses attribute
+        # stores made by its hooks): where each kept signal ends, and what found no room.
+        self._ends: list[int] = []
+        self._left_out: list[str] = []
         self._handles: list[Any] = [model.register_forward_pre_hook(shield(self._new_pass))]
+        self._swapped: list[nn.Module] = []
+        inside: tuple[str, ...] = ()  # the names under a swapped module: it records them
         for name, module in model.named_modules():
-            if any(p.requires_grad for p in module.parameters(recurse=False)):
+            if name.startswith(inside):
+                continue
+            if capturable(module):  # records its linear maps itself: no hooks in it
+                swap_in(module, self, name)
+                self._swapped.append(module)
+                inside = (*inside, f"{name}.")
+            elif any(p.requires_grad for p in module.parameters(recurse=False)):
                 self._handles.append(
                     module.register_forward_hook(shield(self._record(name)), with_kwargs=True)
                 )
+
+    def reserve(self, device: torch.device) -> None:
+        """Before a step it records: room for the signals of the largest step seen, zeroed."""
+        self._needed = max(self._needed, self._ends[-1] if self._ends else 0)
+        if self._needed > self._workspace.numel() or self._workspace.device != device:
+            self._workspace = torch.zeros(self._needed, device=device)
+        else:
+            self._workspace.zero_()
+        self._ends.clear()
+        self._left_out.clear()
+
+    @property
+    def incomplete(self) -> bool:
+        """Whether a signal of the step found no room in a compiled forward (`keep_signal`)."""
+        return bool(self._left_out)
+
+    def keep_signal(self, y: Tensor) -> Tensor | tuple[int, int, tuple[int, ...]] | None:
+        """Where the step's backward puts the signal at y (float32): a span (start, stop, shape)
+        of the workspace, read with `signal` once the backward is done; or a buffer of its own.
+
+        The workspace is kept between steps (`reserve`) and filled in place by a tensor hook that
+        slices it itself: in a compiled forward a hook cannot write into a tensor the graph made,
+        nor into a view of the workspace the graph returns (aot_autograd fails), nor rebind an
+        attribute (dynamo breaks the graph). Where the workspace is too small (the first step, or
+        a larger batch): eagerly a buffer of its own; in a compiled forward None, and the step is
+        `incomplete` (left out; `reserve` makes room for the next). Between `reserve`s the
+        signals take consecutive spans: every pass of a step (gradient accumulation) has room."""
+        start = self._ends[-1] if self._ends else 0
+        stop = start + y.numel()
+        self._ends.append(stop)
+        if stop <= self._workspace.numel() and y.device == self._workspace.device:
+            y.register_hook(functools.partial(self._add_span, start, stop))
+            return start, stop, tuple(y.shape)
+        if torch.compiler.is_compiling():
+            self._left_out.append("no room")
+            return None
+        signal = torch.zeros(y.shape, device=y.device)
+        y.register_hook(functools.partial(self._add_into, signal))
+        return signal
+
+    def resolve(self, passes: list[dict[str, list[Call]]]) -> None:
+        """After the backward: each call's signal as a tensor, batch first."""
+        for calls in passes:
+            for call in (c for module_calls in calls.values() for c in module_calls):
+                kept = call.signal
+                if isinstance(kept, tuple):
+                    start, stop, shape = kept
+                    kept = self._workspace[start:stop].view(shape)
+                if kept is not None and call.batch_first:  # nn.MultiheadAttention's [L, B, ...]
+                    kept = kept.transpose(0, 1)
+                call.signal = kept
+
+    def _add_workspace(self, start: int, stop: int, grad: Tensor) -> None:
+        # the hook reads the workspace itself: a view made in the forward is no hook's to fill
+        self._workspace[start:stop].add_(grad.reshape(-1))
 
     def _new_pass(self, module: nn.Module, args: Any) -> None:
         if self.active and torch.is_grad_enabled():
@@ -92,15 +166,15 @@ class Capture:
         def hook(module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
             if not self.active or not torch.is_grad_enabled() or not self.passes:
                 return
-            call = Call(_detached(args), _detached(kwargs))
-            self.passes[-1].setdefault(name, []).append(call)
             y = output if isinstance(output, Tensor) else first_tensor(output)
+            signal = None
             if y is not None and y.requires_grad:
-
-                def keep(grad: Tensor) -> None:
-                    call.signal = grad if call.signal is None else call.signal + grad
-
-                y.register_hook(self.shield(keep))
+                signal = self.keep_signal(y)
+                if signal is None:
+                    return
+            self.passes[-1].setdefault(name, []).append(
+                Call(_detached(args), _detached(kwargs), signal)
+            )
 
         return hook
 
@@ -108,6 +182,9 @@ class Capture:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        for module in self._swapped:
+            swap_out(module, self)
+        self._swapped.clear()
 
 
 def per_example_grad_norms(
@@ -153,6 +230,7 @@ def per_example_grad_norms(
             for name, buffer in model.named_buffers():
                 buffer.copy_(buffers[name])
     scale = float(batch) if reduction == "mean" else 1.0
+    capture.resolve(capture.passes)
     calls = capture.passes[0] if capture.passes else {}
     squares, skipped = example_squares(model, calls, batch, batch_dim)
     device = next(iter(params.values())).device
@@ -191,9 +269,11 @@ def example_squares(
             continue
         rule = rule_for(module, reached)
         if rule is not None:
-            if batch_dim != 0 and not rule_reads_layout(rule):
-                reached = [_batch_first(c, batch, batch_dim) for c in reached]
-            if any(not carries_batch(module, c, batch) for c in reached):
+            if batch_dim != 0:
+                reached = [
+                    c if c.batch_first else _batch_first(c, batch, batch_dim) for c in reached
+                ]
+            if any(not carries_batch(c, batch) for c in reached):
                 reason = (
                     f"the input of {name!r} does not carry the batch's {batch} examples on "
                     f"axis {batch_dim} (e.g. the batch was flattened with another axis)"
@@ -259,6 +339,10 @@ def _uncalled_descendants(
     return found
 
 
+def _add_into(buffer: Tensor, grad: Tensor) -> None:
+    buffer.add_(grad)
+
+
 def _detached(value: Any) -> Any:
     if isinstance(value, Tensor):
         return value.detach()
@@ -294,12 +378,19 @@ class ExampleProbes:
     """
 
     def __init__(
-        self, model: nn.Module, names: list[str], reduction: str, *, shield: Shield = unshielded
+        self,
+        model: nn.Module,
+        names: list[str],
+        reduction: str,
+        device: torch.device,
+        *,
+        shield: Shield = unshielded,
     ) -> None:
         self.model = model
         self.shield = shield
         self.names = names
         self.reduction = reduction
+        self.device = device
         self.noise = NoiseScale()
         self._capture: Capture | None = None
         self._active = False
@@ -312,6 +403,8 @@ class ExampleProbes:
     def active(self, value: bool) -> None:
         self._active = value
         if self._capture is not None:
+            if value:
+                self._capture.reserve(self.device)
             self._capture.active = value
 
     def attach(self) -> None:
@@ -324,15 +417,18 @@ class ExampleProbes:
             self._capture.passes.clear()
             self._capture = None
 
-    def record(self, device: torch.device) -> ExampleStatistics | None:
+    def record(self) -> ExampleStatistics | None:
         """The step's per-example statistics from the recorded passes (then forgotten); None when
-        no pass was recorded."""
+        no pass was recorded, or a compiled forward could not record them all (`Capture`)."""
         if self._capture is None or not self._capture.passes:
             return None
         passes, self._capture.passes = self._capture.passes, []
+        if self._capture.incomplete:
+            return None
+        self._capture.resolve(passes)
         self._capture.active = False  # the fallback re-runs modules: not a pass to record
         try:
-            return self._statistics(passes, device)
+            return self._statistics(passes, self.device)
         finally:
             self._capture.active = self._active
 
