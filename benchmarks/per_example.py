@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from overhead import Stepper, gradwatch_variant, plain, run_benchmark
 from workloads import Workload
 
-from gradwatch.stats.per_example import ExampleProbes
+from gradwatch.stats.example_probes import ExampleProbes
 
 
 @dataclass

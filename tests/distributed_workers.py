@@ -85,9 +85,13 @@ def batches(steps: int = STEPS) -> list[tuple[torch.Tensor, torch.Tensor]]:
     ]
 
 
-def shard_of_batch(tensor: torch.Tensor, rank: int, world: int) -> torch.Tensor:
-    size = tensor.shape[0] // world
-    return tensor[rank * size : (rank + 1) * size]
+def shard_of_batch(
+    tensor: torch.Tensor, rank: int, world: int, split: tuple[int, ...] | None = None
+) -> torch.Tensor:
+    """This rank's part of the batch: equal parts, or `split` examples per rank."""
+    sizes = split or (tensor.shape[0] // world,) * world
+    start = sum(sizes[:rank])
+    return tensor[start : start + sizes[rank]]
 
 
 def train(
@@ -104,6 +108,8 @@ def train(
     micro_batches: int = 1,
     one_batch: bool = False,
     rank_scalars: bool = False,
+    per_example: bool = False,
+    split: tuple[int, ...] | None = None,
 ) -> gw.Watcher:
     """Train `model` on this rank's part of the global batches under gw.watch and close it.
 
@@ -113,6 +119,8 @@ def train(
     accumulates gradients over that many parts of the rank's batch (DDP: under no_sync but the
     last), each loss divided by their number. one_batch trains on the first batch at every step.
     rank_scalars also logs `rank_value` (the rank) and a scalar of this rank only, `only_<rank>`.
+    per_example watches with per-example norms; split gives each rank that many examples of the
+    global batch (uneven batches).
     """
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     w = gw.watch(
@@ -123,11 +131,12 @@ def train(
         flush_every=3,
         histogram_every=1,
         guards=list(guards),
+        per_example=per_example,
     )
     with SyncSentinel() as sentinel, w:  # the steps and close()'s flush; not watch()
         data = batches(steps)
         for step, (x, y) in enumerate([data[0]] * steps if one_batch else data):
-            x, y = shard_of_batch(x, rank, world), shard_of_batch(y, rank, world)
+            x, y = shard_of_batch(x, rank, world, split), shard_of_batch(y, rank, world, split)
             if poison_input == (step, rank):
                 x = x.clone()
                 x[0, 0] = float("nan")
@@ -270,16 +279,28 @@ def scenario_bad_setup(out: Path, rank: int, world: int) -> dict:
         gw.watch(tensor_parallel, None, run_dir=out / f"tp-{rank}")
     except ValueError as exc:
         errors["tensor_parallel"] = str(exc)
-    try:
-        gw.watch(ddp(), None, run_dir=out / f"per-example-{rank}", per_example=True)
-    except ValueError as exc:
-        errors["per_example"] = str(exc)
-    errors["per_example_left"] = (out / f"per-example-{rank}").exists()
     errors["writers"] = sum(t.name == "gradwatch-writer" for t in threading.enumerate())
     return errors
 
 
-SCENARIOS = {"ddp": scenario_ddp, "fsdp2": scenario_fsdp2, "bad_setup": scenario_bad_setup}
+def scenario_examples(out: Path, rank: int, world: int) -> dict:
+    """per_example over the global batch: DDP with uneven batches (5 and 3 examples), DDP with
+    two micro-batches, FSDP2 with equal batches; lr 0, so that every step's norms and noise
+    scale compare with a single process at the same parameters."""
+    train(ddp(), out / "examples-ddp", rank, world, steps=12, lr=0.0, per_example=True,
+          split=(5, 3))  # fmt: skip
+    train(ddp(), out / "examples-accumulate", rank, world, steps=12, lr=0.0, per_example=True,
+          micro_batches=2)  # fmt: skip
+    train(fsdp2(), out / "examples-fsdp2", rank, world, steps=12, lr=0.0, per_example=True)
+    return {}
+
+
+SCENARIOS = {
+    "ddp": scenario_ddp,
+    "fsdp2": scenario_fsdp2,
+    "bad_setup": scenario_bad_setup,
+    "examples": scenario_examples,
+}
 
 
 def main() -> None:

@@ -93,6 +93,12 @@ def fsdp2_run(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def examples_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("examples")
+    return out, launch("examples", out)
+
+
+@pytest.fixture(scope="module")
 def single_process(tmp_path_factory) -> gw.Run:
     """The reference: one process trains on the concatenated global batches."""
     run_dir = tmp_path_factory.mktemp("single") / "run"
@@ -300,9 +306,7 @@ def test_ranks_that_disagree_fail_at_watch_on_every_rank(tmp_path):
         assert (
             "tensor parallelism and other DTensor layouts are not supported" in r["tensor_parallel"]
         )
-    for r in results:  # refused before a store or a writer thread existed
-        assert "per_example is not supported under torch.distributed" in r["per_example"]
-        assert r["per_example_left"] is False and r["writers"] == 0
+    assert all(r["writers"] == 0 for r in results)  # no writer thread left by a refusal
 
 
 def test_report_summary_and_export_show_world_size_and_strategy(ddp_run, tmp_path, capsys):
@@ -326,3 +330,51 @@ def _assert_parameters_equal(got: dict, expected: dict) -> None:
     assert got.keys() == expected.keys()
     for name in got:
         np.testing.assert_allclose(got[name], expected[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+EXAMPLE_SERIES = ("pe_norm_p50", "pe_norm_p95", "pe_norm_max")
+EXAMPLE_SCALARS = ("pe_examples", "pe_total_p50", "pe_total_max", "pe_total_argmax", "pe_top_share")
+
+
+@pytest.mark.parametrize(
+    ("run_name", "options"),
+    [
+        ("examples-ddp", {}),
+        ("examples-accumulate", {"micro_batches": 2}),
+        ("examples-fsdp2", {}),
+    ],
+)
+def test_per_example_norms_are_the_global_batchs(request, tmp_path, run_name, options):
+    """Each rank's examples gathered in rank order: the quantiles per tensor, the largest
+    example (its index in the global batch), its share and B_simple equal a single process on
+    the global batch; with uneven batches (5 and 3) B_simple comes from the global batch's mean
+    gradient, not DDP's average of the ranks' means."""
+    out, _ = request.getfixturevalue("examples_run")
+    run = gw.open_run(out / run_name)
+    reference_dir = tmp_path / "single"
+    train(make_model(), reference_dir, steps=12, lr=0.0, per_example=True, **options)
+    reference = gw.open_run(reference_dir)
+    assert run.meta["distributed"]["world_size"] == WORLD
+    for name in EXAMPLE_SERIES:
+        np.testing.assert_allclose(
+            run.series(name), reference.series(name), rtol=1e-5, atol=1e-7, err_msg=name
+        )
+    for name in EXAMPLE_SCALARS:
+        np.testing.assert_allclose(
+            run.series(name), reference.series(name), rtol=1e-5, atol=1e-7, err_msg=name
+        )
+    # a ratio of differences of float32 sums taken in another order: 1.3e-5 apart seen
+    np.testing.assert_allclose(run.series("gns_simple"), reference.series("gns_simple"), rtol=1e-4)
+    assert np.isfinite(reference.series("gns_simple")).sum() >= 2  # past the warm-up
+    examples = reference.series("pe_examples")
+    assert set(examples[np.isfinite(examples)]) == {8}
+
+
+def test_per_example_under_distributed_syncs_only_for_the_ranks_batch_sizes(examples_run):
+    """The one host sync of per_example under torch.distributed: each probe step reads the
+    ranks' batch sizes (to pad the gather) in `ExampleProbes.record`, nowhere else."""
+    _, results = examples_run
+    for rank, result in enumerate(results):
+        sites = result["sync_sites"]
+        assert sites, "the sentinel saw no sync: it did not watch these runs"
+        assert all("example_probes.py" in site for site in sites), (rank, sites)

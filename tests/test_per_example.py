@@ -473,7 +473,7 @@ def test_attention_dropout_norms_equal_per_example_gradients_with_the_steps_mask
 def test_captured_attention_is_torchs_own_class_in_copies_and_pickles(tmp_path):
     import pickle
 
-    from gradwatch.stats.per_example import Capture
+    from gradwatch.stats.example_capture import Capture
 
     model = DropoutAttention("self", False, True)
     capture = Capture(model)

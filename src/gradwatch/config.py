@@ -82,17 +82,6 @@ class WatchConfig:
 _GUARD_METHODS = ("apply", "events", "state_dict", "load_state_dict")
 
 
-def check_supported(config: WatchConfig, distributed: bool) -> None:
-    """Refuse the options this set-up does not support, before anything is created (no store,
-    no thread, no hook is left behind)."""
-    if config.per_example and distributed:
-        raise ValueError(
-            "per_example is not supported under torch.distributed yet (each rank sees only its "
-            "own examples); watch without it, or compute the norms on one rank with "
-            "gw.per_example_grad_norms"
-        )
-
-
 def label_guards(guards: Sequence[Any], optimizer: Any) -> list[Guard]:
     """Check the guards and give each a unique label: its class name, numbered on repeats."""
     guards = list(guards)

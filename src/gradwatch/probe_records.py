@@ -23,6 +23,7 @@ from gradwatch.distributed import Topology
 from gradwatch.inventory import Inventory
 from gradwatch.stats.attention import ATTENTION, AttentionProbes
 from gradwatch.stats.buffer import HostCopy, ProbeArrays
+from gradwatch.stats.example_probes import ExampleProbes
 from gradwatch.stats.flow import MODULE_STATS, ModuleProbes, ProbeMode
 from gradwatch.stats.grads import (
     GRAD_NORM,
@@ -35,7 +36,6 @@ from gradwatch.stats.grads import (
 from gradwatch.stats.hooks import Shield, unshielded
 from gradwatch.stats.inputs import InputScale
 from gradwatch.stats.noise_scale import PartialGradients
-from gradwatch.stats.per_example import ExampleProbes
 from gradwatch.stats.stale import CarriedGradients
 from gradwatch.stats.through_time import TIME_STATS, TimeProbes
 
@@ -84,9 +84,11 @@ class ProbeRecords:
             self.parts = PartialGradients(
                 model, inventory.params, device, topology.ranks, topology.world_size, shield=shield
             )
-        if config.per_example:  # not under torch.distributed: `check_supported` refused it
+        if config.per_example:
             reduction = "sum" if config.per_example == "sum" else "mean"
-            self.examples = ExampleProbes(model, inventory.names, reduction, device, shield=shield)
+            self.examples = ExampleProbes(
+                model, inventory.names, reduction, device, topology, shield=shield
+            )
         self._probe = False
 
     def attach(self) -> None:
@@ -173,37 +175,40 @@ class ProbeRecords:
 
     def _record_examples(self, tensor_row: Tensor, batch_square: Tensor, record: Record) -> None:
         """Per-example norms: quantiles per tensor into the row, the totals' and the noise scale
-        as scalars."""
+        as scalars; over the global batch under torch.distributed (`ExampleProbes`)."""
         assert self.examples is not None
         # The fallback re-runs modules: gradwatch's own probes must not record those calls.
         mode, self.module_probes.mode = self.module_probes.mode, ProbeMode.IDLE
         self.time_probes.probe = self.attention.probe = False
         try:
-            found = self.examples.record()
+            # under FSDP2 the row holds this rank's shards' norms until the flush
+            step_square = self.topology.shards.sum(batch_square.reshape(1)).reshape(())
+            found = self.examples.record(step_square)
         finally:
             self.module_probes.mode = mode
             self.time_probes.probe = self.attention.probe = self._probe
         if found is None:
             return
-        if found.skipped and not self._warned_skipped:
+        statistics, noise = found
+        if statistics.skipped and not self._warned_skipped:
             self._warned_skipped = True
-            reasons = "; ".join(f"{n}: {r}" for n, r in list(found.skipped.items())[:3])
+            skipped = statistics.skipped
+            reasons = "; ".join(f"{n}: {r}" for n, r in list(skipped.items())[:3])
             warnings.warn(
-                f"gradwatch: per-example norms leave out {len(found.skipped)} tensor(s), so the "
+                f"gradwatch: per-example norms leave out {len(skipped)} tensor(s), so the "
                 f"totals and gns_simple are NaN: {reasons}",
                 stacklevel=2,
             )
-        tensor_row[:, PE_NORM_P50 : PE_NORM_MAX + 1] = found.quantiles().to(tensor_row)
-        squares = found.totals()
+        tensor_row[:, PE_NORM_P50 : PE_NORM_MAX + 1] = statistics.quantiles().to(tensor_row)
+        squares = statistics.totals()
         norms = squares.sqrt()
-        skipped = torch.isnan(squares).any()
         scalars = {
             "pe_examples": float(squares.numel()),
             "pe_total_p50": torch.quantile(norms, 0.5),
             "pe_total_max": norms.max(),
-            "pe_total_argmax": torch.where(skipped, torch.nan, norms.argmax().float()),
+            "pe_total_argmax": torch.where(norms.isnan().any(), torch.nan, norms.argmax().float()),
             "pe_top_share": squares.max() / squares.sum(),
-            "gns_simple": self.examples.noise.update(squares.mean(), batch_square, squares.numel()),
+            "gns_simple": noise,
             "gns_batch": float(squares.numel()),
         }
         for name, value in scalars.items():

@@ -29,7 +29,6 @@ from torch import Tensor, nn
 from gradwatch.config import (
     WatchConfig,
     check_model_and_optimizer,
-    check_supported,
     label_guards,
 )
 from gradwatch.detect.findings import Finding
@@ -456,7 +455,6 @@ def _checked(model: nn.Module, optimizer: Any, config: WatchConfig) -> tuple[nn.
     to change otherwise."""
     check_model_and_optimizer(unwrap(model), optimizer)
     topo = topology(model)
-    check_supported(config, topo.distributed)
     model = unwrap(model)
     if model in _watched_models:
         raise RuntimeError(

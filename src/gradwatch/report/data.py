@@ -11,9 +11,9 @@ from gradwatch.detect.findings import FINDING_KINDS, Finding
 from gradwatch.guards.base import Event
 from gradwatch.run_reader import Run
 from gradwatch.stats.attention import LOGIT_SCALARS
+from gradwatch.stats.example_probes import EXAMPLE_SCALARS
 from gradwatch.stats.inputs import INPUT_SCALARS
 from gradwatch.stats.noise_scale import NOISE_SCALARS
-from gradwatch.stats.per_example import EXAMPLE_SCALARS
 
 # Scalars gradwatch records itself: drawn in charts of their own, not as "logged scalars".
 OWN_SCALARS = frozenset(
