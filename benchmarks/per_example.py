@@ -41,14 +41,15 @@ class CustomStep:
 def gradwatch_ghost_norms(work: Workload, tmp: Path) -> Iterator[Stepper]:
     names = [n for n, p in work.model.named_parameters() if p.requires_grad]
     probes = ExampleProbes(work.model, names, "mean", work.inputs.device)
+    step_square = torch.zeros((), device=work.inputs.device)
     probes.attach()
     probes.active = True
 
     def norms() -> None:
-        found = probes.record()
+        found = probes.record(step_square)
         probes.active = True  # the next step: room for its signals, zeroed
         if found is not None:
-            found.totals()
+            found[0].totals()
 
     try:
         yield Stepper(work, norms)
@@ -116,6 +117,7 @@ def opacus_ghost_norms(work: Workload, tmp: Path) -> Iterator[Stepper]:
 VARIANTS = {
     "plain": plain,
     "gradwatch ghost norms": gradwatch_ghost_norms,
+    "gradwatch probe step": gradwatch_variant(probe_every=1, histogram_every=None),
     "gradwatch probe step with per_example": gradwatch_variant(
         probe_every=1, histogram_every=None, per_example=True
     ),

@@ -105,13 +105,22 @@ def max_abs(tensors: list[Tensor]) -> Tensor:
     return torch.maximum(torch.stack(highs), torch.stack(lows).neg()).float()
 
 
-def nonfinite_counts(tensors: list[Tensor]) -> Tensor:
-    """Number of NaN or ±Inf entries of each tensor.
+def nonfinite_counts(tensors: list[Tensor], norms: Tensor) -> Tensor:
+    """Number of NaN or ±Inf entries of each tensor, given their 2-norms.
 
     t·0 is 0 for every finite entry and NaN for the rest, and the 0-"norm" counts non-zero entries,
-    so the count needs no boolean temporaries (which are slower than this on CPU).
+    so the count needs no boolean temporaries (which are slower than this on CPU). A tensor with a
+    finite norm has no such entry: on the CPU, where reading the norms costs no sync, only the
+    others are counted (the product copies every gradient: 5 of the MLP probe step's 14 extra
+    ms); on an accelerator every tensor is, without a sync.
     """
-    return torch.stack(torch._foreach_norm(torch._foreach_mul(tensors, 0.0), 0)).float()
+    if tensors[0].device.type != "cpu":
+        return torch.stack(torch._foreach_norm(torch._foreach_mul(tensors, 0.0), 0)).float()
+    counts = torch.zeros(len(tensors))  # host data: this path runs on CPU tensors only
+    # host data: the norms of CPU tensors
+    for i in torch.nonzero(~torch.isfinite(norms)).flatten().tolist():
+        counts[i] = torch.linalg.vector_norm(tensors[i] * 0.0, 0)
+    return counts
 
 
 def row_spreads(tensors: list[Tensor]) -> Tensor:
@@ -152,6 +161,7 @@ class GradStatistics:
         self.inventory = inventory
         self.sharded = sharded
         self._absent: dict[tuple[int, ...], tuple[int, ...]] = {}
+        self._snapshots: list[list[Tensor]] = []
 
     def present(self) -> list[PresentGroup]:
         """The watched parameters that have a gradient now, per (device, dtype) group."""
@@ -187,7 +197,7 @@ class GradStatistics:
                 continue
             columns = [norms]
             if probe:
-                columns += [max_abs(group.grads), nonfinite_counts(group.grads)]
+                columns += [max_abs(group.grads), nonfinite_counts(group.grads, norms)]
             values = torch.stack(columns, dim=1).to(row.device, non_blocking=True)
             index = constant(group.index, row.device, torch.long)
             row[:, GRAD_NORM : GRAD_NORM + len(columns)].index_copy_(0, index, values)
@@ -227,9 +237,16 @@ class GradStatistics:
         return counts
 
     def snapshot_params(self) -> list[list[Tensor]]:
-        """Copies of the watched parameters, one list per group: θ_before of this update."""
-        # _foreach_mul by 1 allocates and copies the whole group in one fused kernel on CUDA.
-        return [torch._foreach_mul(self._params(g.params), 1.0) for g in self.inventory.groups]
+        """Copies of the watched parameters, one list per group: θ_before of this update, in
+        buffers kept from one probe step to the next (on the CPU a fresh allocation of them
+        cost 2.5x the copy: 5 of the MLP probe step's 14 extra ms)."""
+        params = [self._params(g.params) for g in self.inventory.groups]
+        shapes = [[p.shape for p in group] for group in params]
+        if [[b.shape for b in group] for group in self._snapshots] != shapes:
+            self._snapshots = [[torch.empty_like(p) for p in group] for group in params]
+        for buffers, group in zip(self._snapshots, params, strict=True):
+            torch._foreach_copy_(buffers, group)
+        return self._snapshots
 
     def record_update(self, row: Tensor, snapshot: list[list[Tensor]]) -> None:
         """Fill `param_norm` (‖θ_before‖) and `update_ratio` (‖θ_after − θ_before‖ / ‖θ_before‖).
