@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 import gradwatch as gw
-from gradwatch.stats.flow import MODULE_STATS, activation_moments
+from gradwatch.stats.flow import MODULE_STATS
+from gradwatch.stats.module_outputs import activation_moments
 from gradwatch.stats.through_time import TIME_STATS
 
 

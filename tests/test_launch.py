@@ -241,7 +241,7 @@ def test_a_failure_inside_gradwatch_leaves_the_script_its_outcome(
     assert json.loads(watched.read_text()) == json.loads(plain.read_text())
     reports = [r.getMessage() for r in caplog.records if "goes on unwatched" in r.getMessage()]
     assert len(reports) == 1
-    assert "failed in Watcher._before_update" in reports[0]
+    assert "failed in StepRecorder.before_update_hook" in reports[0]
     assert "ZeroDivisionError: an injected fault in gradwatch" in reports[0]  # the traceback
     run = gw.open_run(tmp_path / "run")
     assert "ZeroDivisionError" in run.meta["failed"]

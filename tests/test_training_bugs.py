@@ -15,7 +15,7 @@ from torch import nn
 
 import gradwatch as gw
 from gradwatch.detect.precision import UNDERFLOW_FRAC
-from gradwatch.stats.attention import _made_by
+from gradwatch.stats.attention_calls import made_by
 from gradwatch.stats.stale import CarriedGradients
 
 STEPS = 60
@@ -610,7 +610,7 @@ def test_carried_gradients_read_what_was_in_grad_sparse_included():
 
 def test_only_a_sigmoid_seen_through_reshapes_makes_bce_input_probabilities():
     z = torch.randn(4, 3, requires_grad=True)
-    assert _made_by(torch.sigmoid(z).flatten().unsqueeze(0), "SigmoidBackward0") == 1.0
-    assert _made_by(torch.tanh(torch.sigmoid(z)), "SigmoidBackward0") == 0.0  # not a reshape
-    assert _made_by(torch.sigmoid(z) * 2, "SigmoidBackward0") == 0.0
-    assert _made_by(z.detach(), "SigmoidBackward0") == 0.0
+    assert made_by(torch.sigmoid(z).flatten().unsqueeze(0), "SigmoidBackward0") == 1.0
+    assert made_by(torch.tanh(torch.sigmoid(z)), "SigmoidBackward0") == 0.0  # not a reshape
+    assert made_by(torch.sigmoid(z) * 2, "SigmoidBackward0") == 0.0
+    assert made_by(z.detach(), "SigmoidBackward0") == 0.0

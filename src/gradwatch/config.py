@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from gradwatch.guards.base import Guard
+from gradwatch.inventory import optimizer_parameters
 
 
 @dataclass(frozen=True)
@@ -129,7 +130,7 @@ def check_model_and_optimizer(model: Any, optimizer: Any) -> None:
         raise TypeError(
             f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}"
         )
-    owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    owned = {id(p) for p in optimizer_parameters(optimizer)}
     missing = [name for pid, name in trainable.items() if pid not in owned]
     frozen = [
         name for name, p in model.named_parameters() if id(p) in owned and not p.requires_grad

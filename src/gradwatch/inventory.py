@@ -82,3 +82,8 @@ def _group_by_device_and_dtype(params: list[nn.Parameter]) -> list[TensorGroup]:
         TensorGroup(device, dtype, tuple(params[i] for i in index), tuple(index))
         for (device, dtype), index in members.items()
     ]
+
+
+def optimizer_parameters(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """Every parameter `optimizer` updates, in the order of its parameter groups."""
+    return [p for group in optimizer.param_groups for p in group["params"]]

@@ -26,14 +26,12 @@ from __future__ import annotations
 
 import builtins
 import datetime
-import gc
 import logging
 import runpy
 import sys
 import types
-import warnings
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +45,8 @@ from torch.optim.optimizer import (
 
 import gradwatch as gw
 from gradwatch.integrations.settings import optimizer_run_dir
+from gradwatch.inventory import optimizer_parameters
+from gradwatch.script_models import holding, live, reached_parameters
 from gradwatch.stats.hooks import Failsafe
 
 logger = logging.getLogger("gradwatch")
@@ -220,8 +220,7 @@ class ScriptWatcher:
         optimized = {
             id(p)
             for optimizer in live(torch.optim.Optimizer)
-            for group in optimizer.param_groups
-            for p in group["params"]
+            for p in optimizer_parameters(optimizer)
         }
         if any(id(p) in optimized for p in model.parameters()):
             return  # an optimizer holds this model's parameters (frozen ones too): its step
@@ -304,50 +303,9 @@ class ScriptWatcher:
         parameters; when no module was called yet (its first forward runs inside an LBFGS
         closure) or none is called through its hooks (`.forward()` called directly), the live
         module that holds most of them (`holding`)."""
-        params = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        params = {id(p) for p in optimizer_parameters(optimizer)}
         roots = [module for ref in self._roots if (module := ref()) is not None]
         return holding(params, roots) or holding(params, live(nn.Module))
-
-
-def reached_parameters(loss: torch.Tensor) -> dict[int, torch.Tensor]:
-    """The leaf tensors that require grad and that `loss`'s autograd graph reaches (its
-    AccumulateGrad nodes), by id. A walk over the graph's nodes on the host: no data, no sync."""
-    found: dict[int, torch.Tensor] = {}
-    seen: set[Any] = set()
-    stack = [loss.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        variable = getattr(node, "variable", None)
-        if isinstance(variable, torch.Tensor):
-            found[id(variable)] = variable
-        stack.extend(next_node for next_node, _ in node.next_functions)
-    return found
-
-
-def live(kind: type[Any]) -> list[Any]:
-    """Every object of `kind` alive in the process: a walk of the garbage collector's objects,
-    once per decision gradwatch run cannot make otherwise. (isinstance on some lazily
-    deprecated torch objects warns: not the script's concern.)"""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return [o for o in gc.get_objects() if isinstance(o, kind)]
-
-
-def holding(params: set[int], modules: Iterable[nn.Module]) -> nn.Module | None:
-    """Of `modules`, the one that holds most of `params` (ids), and of those the one with the
-    fewest other parameters (the model itself, not a container around it); None when none
-    holds any."""
-    best, best_key = None, (0, 0)
-    for module in modules:
-        ids = [id(p) for p in module.parameters()]
-        held = sum(i in params for i in ids)
-        key = (held, -(len(ids) - held))
-        if held and key > best_key:
-            best, best_key = module, key
-    return best
 
 
 def run_script(

@@ -6,7 +6,7 @@ optimizer.step()
   (update)
   step post-hook  on probe steps ‖θ_after − θ_before‖ / ‖θ_before‖; the step counter moves on
 every `flush_every` recorded steps the buffer goes to the host with one copy, and the writer thread
-commits it to the run store. Nothing in the step path waits for the host.
+commits it to the run store. Nothing in the step path (`step_recorder.py`) waits for the host.
 
 Under torch.distributed (see `distributed.py`) every rank runs the same hooks on its own batch or
 shard; the flush combines the ranks' partial statistics with a few all-reduces, and only global
@@ -38,22 +38,16 @@ from gradwatch.distributed import (
     topology,
     unwrap,
 )
-from gradwatch.guards.base import Guard, GuardContext, StopTraining
+from gradwatch.guards.base import Guard, StopTraining
 from gradwatch.inventory import Inventory
 from gradwatch.probe_records import ProbeRecords
 from gradwatch.publishing import Publisher, learning_rates
-from gradwatch.recorded_block import GLOBAL_GRAD_NORM, RecordedBlock
+from gradwatch.recorded_block import RecordedBlock
 from gradwatch.run_start import fingerprint, open_store, run_meta
 from gradwatch.sinks.base import Sink
-from gradwatch.stats.flow import ModuleProbes, ProbeMode
-from gradwatch.stats.grads import (
-    ADAM_EPS_FRAC,
-    GradStatistics,
-    PresentGroup,
-    global_norm,
-)
+from gradwatch.stats.flow import ModuleProbes
 from gradwatch.stats.hooks import Failsafe, eager_unless_traced, mark_eager_hooks
-from gradwatch.stats.optimizer_state import AdamEpsilon
+from gradwatch.step_recorder import StepRecorder
 
 logger = logging.getLogger("gradwatch")
 
@@ -96,8 +90,6 @@ class Watcher:
             self._collective_device,
         )
         self.run_dir = Path(config.run_dir)
-        self._statistics = GradStatistics(self.inventory, sharded=topo.sharded)
-        self._adam = AdamEpsilon(optimizer, self.inventory) if optimizer is not None else None
         shield = self._failsafe.shield
         self._module_probes = ModuleProbes(
             model, self.inventory.device, topo.ranks, topo.rank, topo.world_size, shield=shield
@@ -106,7 +98,6 @@ class Watcher:
             model, self.inventory, self._module_probes, topo, config, shield=shield
         )
         self._publisher = Publisher(self._writer, self._guards, sinks)  # starts at 1st flush
-        self._last_loss: Tensor | float | None = None
         self._block = RecordedBlock(
             self.inventory,
             len(self._module_probes.names),
@@ -114,8 +105,19 @@ class Watcher:
             topo,
             self._collective_device,
         )
-        self._set_step(0)
-        self._snapshot: list[list[Tensor]] | None = None
+        self._recorder = StepRecorder(
+            model,
+            optimizer,
+            config,
+            self.inventory,
+            topo,
+            self._guards,
+            self._block,
+            (self._module_probes, self._probe_records),
+            flush=self._flush,
+            write_event=lambda event: self._writer.write_events([event]),
+            shield=self._failsafe.shield,
+        )
         self._hooks: list[Any] = []
         self._closed = False
 
@@ -130,7 +132,7 @@ class Watcher:
     @property
     def step_count(self) -> int:
         """Optimizer steps completed since `watch()`."""
-        return self._step
+        return self._recorder.step
 
     @property
     def rank(self) -> int:
@@ -149,19 +151,7 @@ class Watcher:
                 "Watcher.step() is for gw.watch(model) without an optimizer; this watcher counts "
                 "steps inside optimizer.step() already, so remove the call"
             )
-        self._failsafe.shield(self._record_manual_step)()
-
-    def _record_manual_step(self) -> None:
-        """What `step()` records: this update's statistics; then the step counter moves on."""
-        if self.config.records(self._step):
-            row = self._open_row(self._step)
-            self._record_grads(self._statistics.present(), row, self._step)
-            if self._snapshot is not None and self.config.probes(self._step):
-                self._record_update()
-        self._set_step(self._step + 1)
-        self._snapshot = None
-        if self.config.probes(self._step):  # θ now is θ_before of the next (probe) step
-            self._snapshot = self._statistics.snapshot_params()
+        self._failsafe.shield(self._recorder.manual_step)()
 
     def log(self, **scalars: float | Tensor) -> None:
         """Attach scalars (loss, lr, ...) to the current step: with an optimizer, the step that
@@ -173,15 +163,16 @@ class Watcher:
             return
         if "loss" in scalars:  # Rollback watches the latest loss, recorded step or not
             loss = scalars["loss"]
-            self._last_loss = loss.detach() if isinstance(loss, Tensor) else loss
-        target = self._step - 1 if self.optimizer is not None and self._step > 0 else self._step
+            self._recorder.last_loss = loss.detach() if isinstance(loss, Tensor) else loss
+        step = self._recorder.step
+        target = step - 1 if self.optimizer is not None and step > 0 else step
         if not self.config.records(target):
             return
         row = self._block.row_of(target)
         if row is None:
-            if target != self._step:
+            if target != step:
                 return  # that step's row was flushed already
-            row = self._open_row(target)
+            row = self._recorder.open_row(target)
         for name, value in scalars.items():
             self._block.record_scalar(row, name, value)
 
@@ -197,7 +188,10 @@ class Watcher:
     def state_dict(self) -> dict[str, Any]:
         """The step counter and every guard's state, to resume a run where it stopped
         (save it with your checkpoint; load it into the watcher of the resumed run)."""
-        return {"step": self._step, "guards": {g.label: g.state_dict() for g in self._guards}}
+        return {
+            "step": self._recorder.step,
+            "guards": {g.label: g.state_dict() for g in self._guards},
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from `state_dict()`: the step counter and the guards' state."""
@@ -207,7 +201,7 @@ class Watcher:
                 f"the state has no entry for guard(s) {sorted(missing)}; it was saved from a "
                 f"watcher with guards {sorted(state.get('guards', {}))}"
             )
-        self._set_step(int(state["step"]))
+        self._recorder.set_step(int(state["step"]))
         for guard in self._guards:
             guard.load_state_dict(state["guards"][guard.label])
 
@@ -227,13 +221,13 @@ class Watcher:
         self._hooks.clear()
         self._module_probes.detach()
         self._probe_records.detach()
-        self._snapshot = None
+        self._recorder.snapshot = None
         _watched_models.discard(self.model)
         try:
             self._flush()
             self._block.check_last_flush()
             self._writer.drain()  # the last block's findings are queued while it is written
-            self._writer.write_meta({"closed": True, "steps_completed": self._step})
+            self._writer.write_meta({"closed": True, "steps_completed": self._recorder.step})
         finally:
             self._writer.close()
             self._publisher.close()
@@ -251,136 +245,18 @@ class Watcher:
         self._probe_records.attach()
         if self.optimizer is not None:
             self._hooks.append(
-                self.optimizer.register_step_pre_hook(self._step_hook(self._before_update))
+                self.optimizer.register_step_pre_hook(
+                    self._step_hook(self._recorder.before_update_hook)
+                )
             )
             self._hooks.append(
                 self.optimizer.register_step_post_hook(self._step_hook(self._after_update))
             )
-        elif self.config.probes(0):
-            self._snapshot = self._statistics.snapshot_params()
-
-    def _before_update(self, optimizer: Any, args: Any, kwargs: Any) -> Any:
-        """The step pre-hook. With `optimizer.step(closure)` the gradients do not exist yet: the
-        closure makes them. Then the hook hands the optimizer a closure that records them (and
-        lets the guards act) right after the closure's first call of the step."""
-        # `args` are step()'s positional arguments, the optimizer itself first.
-        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
-        if closure is None:
-            self._record_update_inputs()
-            return None
-        recording = self._recording_closure(closure)
-        if "closure" in kwargs:
-            return args, {**kwargs, "closure": recording}
-        return (args[0], recording, *args[2:]), kwargs
-
-    def _recording_closure(self, closure: Any) -> Any:
-        """`closure`, recording the gradients it makes on its first call (LBFGS calls it again
-        during its line search: those are not this step's gradients)."""
-        first = True
-
-        record = self._failsafe.shield(self._record_update_inputs)
-
-        def recording() -> Any:
-            nonlocal first
-            loss = closure()  # the user's: its exceptions are the user's
-            if first:
-                first = False
-                record()
-            return loss
-
-        return recording
-
-    def _record_update_inputs(self) -> None:
-        """This step's gradient statistics, the guards, and θ_before on probe steps."""
-        step = self._step
-        present = self._statistics.present()
-        row = self._open_row(step) if self.config.records(step) else None
-        if row is not None or self._guards:
-            norm = self._record_grads(present, row, step)
-            if self._guards:
-                self._apply_guards(step, present, global_norm(norm, self._topology.shards), row)
-        if self.config.probes(step):  # after the guards: a rollback changes θ_before
-            self._snapshot = self._statistics.snapshot_params()
+        self._recorder.start()
 
     def _after_update(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        if self._snapshot is not None:
-            self._record_update()
-            self._snapshot = None
-        self._set_step(self._step + 1)
-
-    def _record_grads(self, present: list[PresentGroup], row: int | None, step: int) -> Tensor:
-        """Gradient statistics into `row` (if the step is recorded); the pre-guard global norm of
-        this rank's gradients (of its shards, under FSDP2)."""
-        self._probe_records.end_forward()
-        probe = self.config.probes(step)
-        norm = self._statistics.record_grads(
-            present,
-            None if row is None else self._block.tensor_rows.data[row],
-            probe=probe,
-            device=self.inventory.device,
-        )
-        if row is not None:
-            self._block.record_scalar(row, GLOBAL_GRAD_NORM, norm)
-            act_hist = self._module_probes.write(self._block.module_rows.data[row], probe)
-            if act_hist is not None:
-                self._probe_records.record(
-                    step,
-                    present,
-                    self._statistics,
-                    act_hist,
-                    (self._block.tensor_rows.data[row], self._block.module_rows.data[row]),
-                    histograms=self.config.histograms(step),
-                    record=lambda name, value: self._block.record_scalar(row, name, value),
-                )
-        return norm
-
-    def _apply_guards(
-        self, step: int, present: list[PresentGroup], global_norm: Tensor, row: int | None
-    ) -> None:
-        names = self.inventory.names
-        ctx = GuardContext(
-            step=step,
-            groups=[([names[i] for i in g.index], g.params, g.grads) for g in present],
-            global_norm=global_norm,
-            optimizer=self.optimizer,
-            model=self.model,
-            loss=self._last_loss,
-            record=lambda name, value: self._block.record_scalar(row, name, value),
-            event=lambda event: self._writer.write_events([event]),
-            shards=self._topology.shards,
-            ranks=self._topology.ranks,
-        )
-        for guard in self._guards:
-            if ctx.skipped and not guard.runs_on_skipped_steps:
-                continue
-            guard.apply(ctx)
-
-    def _record_update(self) -> None:
-        assert self._snapshot is not None
-        row = self._block.tensor_rows.data[len(self._block.steps) - 1]
-        self._statistics.record_update(row, self._snapshot)
-        found = self._adam.shares(row.device) if self._adam is not None else None
-        if found is not None:
-            row[:, ADAM_EPS_FRAC].index_copy_(0, *found)
-
-    def _set_step(self, step: int) -> None:
-        """Move the step counter; tell the module probes what the next forward pass belongs to
-        (the forward of step s runs while the counter is s, with or without an optimizer)."""
-        self._step = step
-        self._module_probes.mode = (
-            ProbeMode.PROBE
-            if self.config.probes(step)
-            else ProbeMode.RECORD
-            if self.config.records(step)
-            else ProbeMode.IDLE
-        )
-        self._probe_records.set_step(self.config.probes(step), self.config.histograms(step))
-
-    def _open_row(self, step: int) -> int:
-        """The buffer row of `step`, flushing a full block first."""
-        if self._block.row_of(step) is None and self._block.full:
-            self._flush()
-        return self._block.open_row(step)
+        """The step post-hook."""
+        self._recorder.after_update()
 
     def _flush(self) -> None:
         """Hand the recorded steps to the writer thread (the first flush starts the diagnosis)."""
@@ -429,7 +305,7 @@ class Watcher:
         if self._closed:
             return
         error = self._failsafe.error
-        self._block.drop_step(self._step)  # the failing step's row is half written
+        self._block.drop_step(self._recorder.step)  # the failing step's row is half written
         try:
             first_line = str(error).splitlines()[0][:300] if str(error) else ""
             self._writer.write_meta(

@@ -24,8 +24,9 @@ from gradwatch.detect.recipe import (
 )
 from gradwatch.detect.spikes import spike
 from gradwatch.detect.streaks import Memory
+from gradwatch.detect.symmetry import symmetric_weights
 from gradwatch.detect.through_time import exploding_through_time, vanishing_through_time
-from gradwatch.detect.wiring import no_gradient, not_updated, stale_gradients, symmetric_weights
+from gradwatch.detect.wiring import no_gradient, not_updated, stale_gradients
 
 __all__ = ["RULES", "Memory"]
 

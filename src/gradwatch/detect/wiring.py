@@ -1,5 +1,6 @@
 """Detectors of training code wired wrong: gradients never cleared, parameters the loss never
-reaches, parameters the optimizer never moves, units that start identical and stay so.
+reaches, parameters the optimizer never moves (units that start identical and stay so:
+`symmetry.py`).
 
 Each reads per-tensor statistics (`stats/grads.py`): `grad_none`, `grad_norm`, `stale_norm`,
 `update_ratio`, `param_norm`, `row_spread`. Each condition is exact, not a matter of degree: a
@@ -42,16 +43,12 @@ def moving(norms: np.ndarray) -> np.ndarray:
     return finite & (norms > 0) & (norms >= NEGLIGIBLE_GRAD * largest)
 
 
-# symmetric_weights: ‖W − mean row‖ / ‖W‖ at or below this (float32 rounding of equal rows).
-SYMMETRIC_SPREAD = 1e-6
-
-
 def _listed(layout: ModelLayout, tensors: list[int], limit: int = 5) -> str:
     shown = ", ".join(repr(layout.tensors[t]) for t in tensors[:limit])
     return shown + (f" and {len(tensors) - limit} more" if len(tensors) > limit else "")
 
 
-def _probe_rows(block: StatsBlock) -> np.ndarray:
+def probe_rows(block: StatsBlock) -> np.ndarray:
     """Rows of the block's probe steps (those with a non-finite count recorded)."""
     return np.flatnonzero(np.isfinite(block.tensor_series("grad_nonfinite")).any(axis=1))
 
@@ -78,7 +75,7 @@ def stale_gradients(block: StatsBlock, layout: ModelLayout, memory: Memory) -> l
     stale, norms = block.tensor_series("stale_norm"), block.tensor_series("grad_norm")
     outside = {t for t, lr in enumerate(layout.tensor_lr) if lr is None}
     found: dict[int, tuple[int, float]] = {}
-    for r in _probe_rows(block):
+    for r in probe_rows(block):
         step = int(block.steps[r])
         with np.errstate(divide="ignore", invalid="ignore"):
             shares = stale[r] / norms[r]
@@ -308,7 +305,7 @@ def _unchanged(block: StatsBlock, layout: ModelLayout, memory: Memory) -> dict[i
     ratios, norms = block.tensor_series("update_ratio"), block.tensor_series("grad_norm")
     skipped = _skipped_steps(block)
     found: dict[int, int] = {}
-    for r in _probe_rows(block):
+    for r in probe_rows(block):
         step = int(block.steps[r])
         live = moving(norms[r])
         if step in skipped or not live.any():
@@ -348,55 +345,3 @@ _ZERO_LR_REMEDY = (
     "give their parameter group a non-zero learning rate (check the scheduler's factor at these "
     "steps); if they are meant to stay fixed, freeze them with requires_grad_(False)"
 )
-
-
-def symmetric_weights(block: StatsBlock, layout: ModelLayout, memory: Memory) -> list[Finding]:
-    """A weight whose rows (the units of its layer) are identical (`row_spread` at most
-    SYMMETRIC_SPREAD, the weight non-zero) on PERSISTENT_PROBES probe steps in a row.
-
-    A real problem: identical units compute the same output and receive the same gradient, so
-    they stay identical and the layer acts as one unit. A constant init does it. A zero-initialised
-    output head is not named: its rows get different gradients and differ after one step.
-    """
-    if "row_spread" not in block.tensor_stats:
-        return []
-    spreads, params = block.tensor_series("row_spread"), block.tensor_series("param_norm")
-    found: dict[str, dict[int, tuple[int, float]]] = {}
-    for r in _probe_rows(block):
-        step = int(block.steps[r])
-        for t in layout.weight_tensors():
-            spread = spreads[r, t]
-            if not np.isfinite(spread):
-                continue
-            holds = bool(spread <= SYMMETRIC_SPREAD and params[r, t] > 0)
-            first = streak(memory, t, step, holds, PERSISTENT_PROBES)
-            if first is not None:
-                found.setdefault(layout.tensor_modules[t], {})[t] = (first, float(spread))
-    findings = []
-    for module, tensors in found.items():
-        names = [layout.tensors[t] for t in sorted(tensors)]
-        rows = ", ".join(repr(n) for n in names)
-        findings.append(
-            Finding(
-                kind="symmetric_weights",
-                layer=module,
-                step=min(first for first, _ in tensors.values()),
-                last_step=int(block.steps[-1]),
-                severity="error",
-                message=(
-                    f"every unit of {module!r} has the same weights ({rows}: rows equal to "
-                    f"within {max(s for _, s in tensors.values()):.1e} of the weight's norm) for "
-                    f"{PERSISTENT_PROBES}+ probe steps in a row: identical units get identical "
-                    "gradients, so they never differentiate and the layer works as a single "
-                    "unit. Likely cause: a constant initialisation (nn.init.constant_, ones_, "
-                    "zeros_ or fill_) of this layer."
-                ),
-                evidence={"tensors": names, "row_spread": max(s for _, s in tensors.values())},
-                remedy=(
-                    f"initialise {module!r} randomly: keep PyTorch's default init, or use "
-                    "nn.init.kaiming_uniform_/xavier_uniform_ (zeros are fine for biases and "
-                    "for the output head only)"
-                ),
-            )
-        )
-    return findings

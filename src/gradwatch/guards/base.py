@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from gradwatch.distributed import LOCAL, Reduction
+from gradwatch.inventory import optimizer_parameters
 from gradwatch.stats.grads import global_norm, l2_norms
 
 EVENT_KINDS: tuple[str, ...] = ("clip", "skip", "rollback")
@@ -95,7 +96,7 @@ class GuardContext:
         """Drop this step's gradients: optimizers leave parameters whose `.grad` is None, and
         their state, untouched, so the update is skipped without touching the optimizer."""
         params = (
-            [p for group in self.optimizer.param_groups for p in group["params"]]
+            optimizer_parameters(self.optimizer)
             if self.optimizer is not None
             else [p for _, ps, _ in self.groups for p in ps]
         )

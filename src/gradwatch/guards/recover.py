@@ -13,6 +13,7 @@ from torch import Tensor
 
 from gradwatch.distributed import local_tensor, shard_like
 from gradwatch.guards.base import Event, Guard, GuardContext, StopTraining
+from gradwatch.inventory import optimizer_parameters
 
 
 class SkipNonFinite(Guard):
@@ -63,10 +64,6 @@ def _to_host(value: Any) -> Any:
     return value
 
 
-def _parameters(optimizer: torch.optim.Optimizer) -> list[Tensor]:
-    return [p for group in optimizer.param_groups for p in group["params"]]
-
-
 def _take_snapshot(step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
     state = optimizer.state
     return _Snapshot(
@@ -74,7 +71,7 @@ def _take_snapshot(step: int, model: torch.nn.Module, optimizer: torch.optim.Opt
         model={k: _to_host(v) for k, v in model.state_dict().items()},
         optimizer={
             i: {k: _to_host(v) for k, v in state[p].items()}
-            for i, p in enumerate(_parameters(optimizer))
+            for i, p in enumerate(optimizer_parameters(optimizer))
             if p in state
         },
         groups=tuple({k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups),
@@ -89,7 +86,7 @@ def _restore(snapshot: _Snapshot, model: torch.nn.Module, optimizer: torch.optim
     for name, tensor in model.state_dict(keep_vars=True).items():
         if isinstance(tensor, Tensor):
             local_tensor(tensor.detach()).copy_(snapshot.model[name])
-    for i, p in enumerate(_parameters(optimizer)):
+    for i, p in enumerate(optimizer_parameters(optimizer)):
         saved = snapshot.optimizer.get(i)
         if saved is None:
             optimizer.state.pop(p, None)  # no state yet at the snapshot: the optimizer starts anew

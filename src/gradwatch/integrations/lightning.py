@@ -40,6 +40,7 @@ from torch import nn
 import gradwatch as gw
 from gradwatch.extras import optional
 from gradwatch.integrations.settings import WatchSettings, report_unwatched
+from gradwatch.inventory import optimizer_parameters
 
 _lightning = optional("lightning.pytorch", "gradwatch's Lightning callback")
 logger = logging.getLogger("gradwatch")
@@ -148,7 +149,7 @@ class GradwatchCallback(_lightning.Callback):
 
 def _owner(module: nn.Module, optimizer: Any) -> nn.Module:
     """The smallest submodule of `module` that holds every parameter `optimizer` updates."""
-    wanted = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    wanted = {id(p) for p in optimizer_parameters(optimizer)}
     best, size = module, sum(1 for _ in module.parameters())
     for _, sub in module.named_modules():
         held = {id(p) for p in sub.parameters()}

@@ -1,7 +1,7 @@
 """Matplotlib figures of a run: gradient flow, layer x step heatmap, global norm with guard events,
 logged scalars, update-to-weight ratios, activation health, the distribution of log10|g| over
-steps and the share of zero or tiny gradient entries; for models that have them, the gradient
-through time of recurrent modules.
+steps and the share of zero or tiny gradient entries; for models that have them, the charts of
+`model_charts.py` (per-example norms, the gradient through time, attention).
 
 Every chart is `fn(data) -> Figure | str | None`: a figure; a sentence when the run holds the data
 but there is nothing to draw (no dead or saturated unit); None when the run did not record it.
@@ -26,76 +26,23 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
 
+from gradwatch.report.axes import (
+    MAX_POINTS,
+    bins,
+    depth_axis,
+    draw_series,
+    log10,
+    log_scale,
+    plain_text,
+    windows,
+)
 from gradwatch.report.data import ReportData
+from gradwatch.report.model_charts import attention, per_example, through_time
 from gradwatch.stats.histograms import finite_edges
 
-MAX_POINTS = 1500
 MAX_COLUMNS = 400
 MAX_ROWS = 200
-MAX_RECURRENT = 4  # recurrent modules drawn in the gradient-through-time chart
-MAX_ATTENTION = 12  # attention modules drawn in the attention chart
 STYLE = {"figure.dpi": 100, "axes.grid": True, "grid.alpha": 0.3}
-
-
-def _label(name: str) -> str:
-    """A name as plain text: a "$" in a module name must not start mathtext."""
-    return name.replace("$", r"\$")
-
-
-def _bins(n: int, count: int) -> np.ndarray:
-    """Edges of at most `count` contiguous bins over n items."""
-    return np.unique(np.linspace(0, n, min(n, count) + 1).astype(int))
-
-
-def _binned(steps: np.ndarray, values: np.ndarray, count: int = MAX_POINTS):
-    """(bin steps, median, min, max) of a [steps] or [steps, k] series, NaN-aware."""
-    edges = _bins(len(steps), count)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN bins stay NaN
-        parts = [values[a:b] for a, b in itertools.pairwise(edges)]
-        median = np.array([np.nanmedian(p, axis=0) for p in parts])
-        low = np.array([np.nanmin(p, axis=0) for p in parts])
-        high = np.array([np.nanmax(p, axis=0) for p in parts])
-    return steps[edges[:-1]], median, low, high
-
-
-def _log10(values: np.ndarray) -> np.ndarray:
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(values > 0, np.log10(values), np.nan)
-
-
-def _windows(data: ReportData, series: np.ndarray) -> list[tuple[str, np.ndarray]]:
-    """Median profiles over the early, middle and late tenth of the steps with data."""
-    rows = np.flatnonzero(np.isfinite(series).any(axis=1))
-    if len(rows) == 0:
-        return []
-    width = max(1, len(rows) // 10)
-    picks = {
-        "early": rows[:width],
-        "middle": rows[len(rows) // 2 - width // 2 :][:width],
-        "late": rows[-width:],
-    }
-    out = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        for label, chosen in picks.items():
-            first, last = data.steps[chosen[0]], data.steps[chosen[-1]]
-            out.append((f"{label} (steps {first}-{last})", np.nanmedian(series[chosen], axis=0)))
-    return out
-
-
-def _log_scale(ax, values: np.ndarray) -> None:
-    """Log y axis when there is a positive value to show (all-zero gradients stay linear)."""
-    if np.nanmax(np.where(np.isfinite(values), values, np.nan), initial=0) > 0:
-        ax.set_yscale("log")
-
-
-def _depth_axis(ax, names: list[str], label: str) -> None:
-    ax.set_xlabel(f"{label} (input side left, output side right)")
-    if len(names) <= 30:
-        ax.set_xticks(
-            range(len(names)), [_label(n) for n in names], rotation=60, ha="right", fontsize=7
-        )
 
 
 def gradient_flow(data: ReportData) -> Figure | None:
@@ -110,18 +57,18 @@ def gradient_flow(data: ReportData) -> Figure | None:
     )
     columns = data.weight_columns
     names = [data.tensors[c]["name"] for c in columns]
-    for label, profile in _windows(data, grads[:, columns]):
+    for label, profile in windows(data, grads[:, columns]):
         axes[0, 0].plot(profile, marker=".", label=label)
-    _log_scale(axes[0, 0], grads[:, columns])
+    log_scale(axes[0, 0], grads[:, columns])
     axes[0, 0].set_title("weight gradient norm ‖∂L/∂W‖ by layer")
-    _depth_axis(axes[0, 0], names, "parameter tensor")
+    depth_axis(axes[0, 0], names, "parameter tensor")
     axes[0, 0].legend(fontsize=8)
     if has_signal:
-        for label, profile in _windows(data, signal):
+        for label, profile in windows(data, signal):
             axes[0, 1].plot(profile, marker=".", label=label)
-        _log_scale(axes[0, 1], signal)
+        log_scale(axes[0, 1], signal)
         axes[0, 1].set_title("backpropagated signal ‖∂L/∂y‖ by module (probe steps)")
-        _depth_axis(axes[0, 1], data.modules, "module, forward order")
+        depth_axis(axes[0, 1], data.modules, "module, forward order")
         axes[0, 1].legend(fontsize=8)
     fig.tight_layout()
     return fig
@@ -132,9 +79,9 @@ def grad_heatmap(data: ReportData) -> Figure | None:
     grads = data.series("grad_norm")
     if grads is None or len(data.steps) == 0 or not np.isfinite(grads).any():
         return None
-    logs = _log10(grads)
-    col_edges = _bins(len(data.steps), MAX_COLUMNS)
-    row_edges = _bins(logs.shape[1], MAX_ROWS)
+    logs = log10(grads)
+    col_edges = bins(len(data.steps), MAX_COLUMNS)
+    row_edges = bins(logs.shape[1], MAX_ROWS)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         by_step = np.stack(
@@ -158,7 +105,7 @@ def grad_heatmap(data: ReportData) -> Figure | None:
     ax.set_ylabel("parameter tensor (model order)")
     if len(cells) == len(data.tensors) and len(cells) <= 40:
         ax.set_yticks(
-            np.arange(len(cells)) + 0.5, [_label(t["name"]) for t in data.tensors], fontsize=7
+            np.arange(len(cells)) + 0.5, [plain_text(t["name"]) for t in data.tensors], fontsize=7
         )
     ax.set_title("gradient norm per tensor over steps")
     ax.grid(False)
@@ -172,7 +119,7 @@ def global_norm(data: ReportData) -> Figure | None:
     if norms is None or len(data.steps) == 0:
         return None
     fig, ax = plt.subplots(figsize=(12, 3.8))
-    _series(ax, data.steps, norms, label="global gradient norm (pre-guard)")
+    draw_series(ax, data.steps, norms, label="global gradient norm (pre-guard)")
     broken = np.flatnonzero(~np.isfinite(norms))
     if len(broken):  # NaN/Inf norms have no height: marked along the top
         finite = norms[np.isfinite(norms)]
@@ -209,39 +156,12 @@ def global_norm(data: ReportData) -> Figure | None:
             lw=1,
             label=f"rollback ({len(rollbacks)})" if i == 0 else None,
         )
-    _log_scale(ax, norms)
+    log_scale(ax, norms)
     ax.set_xlabel("step")
     ax.set_title("global gradient norm and guard events")
     ax.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
     return fig
-
-
-def _series(ax, steps: np.ndarray, values: np.ndarray, label: str | None = None) -> None:
-    """One series over steps: every step recorded, a min-max band and the binned median; some
-    steps only, their points (at most MAX_POINTS, evenly picked) joined by a thin line."""
-    recorded = np.flatnonzero(np.isfinite(values))
-    if len(recorded) == len(values):
-        at, median, low, high = _binned(steps, values)
-        ax.fill_between(at, low, high, alpha=0.25)
-        ax.plot(at, median, lw=1, label=label)
-        return
-    if len(recorded):
-        picked = recorded[np.unique(np.linspace(0, len(recorded) - 1, MAX_POINTS).astype(int))]
-        few = len(picked) < 10
-        ax.plot(steps[picked], values[picked], marker="o" if few else ".", ms=6 if few else 4,
-                lw=0.6, label=label)  # fmt: skip
-    stride = int(np.median(np.diff(steps[recorded]))) if len(recorded) > 1 else 1
-    last = int(steps[recorded[-1]]) if len(recorded) else None
-    if last is None or int(steps[-1]) - last > max(10, 3 * stride):
-        ax.text(
-            0.99,
-            0.9,
-            "no finite value" + ("" if last is None else f" after step {last}"),
-            transform=ax.transAxes,
-            ha="right",
-            color="tab:red",
-        )
 
 
 def logged_scalars(data: ReportData) -> Figure | None:
@@ -253,8 +173,8 @@ def logged_scalars(data: ReportData) -> Figure | None:
         len(names), 1, figsize=(12, 2.6 * len(names)), squeeze=False, sharex=True
     )
     for ax, name in zip(axes[:, 0], names, strict=True):
-        _series(ax, data.steps, data.series(name))
-        ax.set_ylabel(_label(name))
+        draw_series(ax, data.steps, data.series(name))
+        ax.set_ylabel(plain_text(name))
     axes[-1, 0].set_xlabel("step")
     axes[0, 0].set_title("logged scalars")
     fig.tight_layout()
@@ -276,9 +196,9 @@ def update_ratios(data: ReportData) -> Figure | None:
     fig, ax = plt.subplots(figsize=(12, 4))
     ax.plot(median, marker="o", lw=1)
     ax.axhspan(1e-4, 1e-2, color="tab:green", alpha=0.1, label="common range 1e-4 to 1e-2")
-    _log_scale(ax, median)
+    log_scale(ax, median)
     ax.set_title("update-to-weight ratio per tensor (median over probe steps, second half)")
-    _depth_axis(ax, names, "parameter tensor")
+    depth_axis(ax, names, "parameter tensor")
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
@@ -304,7 +224,7 @@ def activation_health(data: ReportData) -> Figure | str | None:
     ax.bar(x + 0.2, sat_mean, width=0.4, label="saturated outputs (sigmoid/tanh)")
     ax.set_ylim(0, 1)
     ax.set_title("activation health per module (probe steps, second half)")
-    _depth_axis(ax, data.modules, "module, forward order")
+    depth_axis(ax, data.modules, "module, forward order")
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
@@ -336,7 +256,9 @@ def grad_distribution(data: ReportData) -> Figure | None:
         if len(filled):
             ax.set_ylim(finite[filled[0]] - 0.5, finite[filled[-1] + 1] + 0.5)
         zeros = float(np.nanmedian(share[:, 0]))
-        ax.set_title(f"{_label(data.tensors[column]['name'])}: {zeros:.0%} exact zeros", fontsize=9)
+        ax.set_title(
+            f"{plain_text(data.tensors[column]['name'])}: {zeros:.0%} exact zeros", fontsize=9
+        )
         ax.set_xlabel("step")
     axes[0, 0].set_ylabel("log10 |g|")
     if image is not None:
@@ -365,90 +287,8 @@ def tiny_gradients(data: ReportData) -> Figure | None:
     )
     ax.set_ylim(0, 1)
     ax.set_title("zero and tiny gradient entries per tensor (median over probe steps)")
-    _depth_axis(ax, [t["name"] for t in data.tensors], "parameter tensor")
+    depth_axis(ax, [t["name"] for t in data.tensors], "parameter tensor")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
-
-
-def per_example(data: ReportData) -> Figure | None:
-    """Per-example gradient norms over the probe steps (median and largest of the totals,
-    `per_example=True` runs), and the noise scale B_simple against the batch size (also from
-    micro-batches or DDP ranks)."""
-    median, largest = data.series("pe_total_p50"), data.series("pe_total_max")
-    noise, batch = data.series("gns_simple"), data.series("gns_batch")
-    examples = median is not None and largest is not None and np.isfinite(median).any()
-    scale = noise is not None and batch is not None and np.isfinite(noise).any()
-    if not examples and not scale:
-        return None
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
-    if examples:
-        rows = np.isfinite(median)
-        steps = data.steps[rows]
-        axes[0].plot(steps, median[rows], marker=".", label="median example")
-        axes[0].plot(steps, largest[rows], marker=".", label="largest example")
-        _log_scale(axes[0], largest[rows])
-        axes[0].legend(fontsize=8)
-    axes[0].set_title("per-example gradient norm ‖∇ℓ_i‖ (probe steps)")
-    axes[0].set_xlabel("step")
-    if scale:
-        known = np.isfinite(noise)
-        axes[1].plot(data.steps[known], noise[known], marker=".", label="B_simple (EMA)")
-        sized = np.isfinite(batch)
-        axes[1].plot(data.steps[sized], batch[sized], ls="--", label="batch size")
-        _log_scale(axes[1], noise[known])
-        axes[1].legend(fontsize=8)
-    axes[1].set_title("gradient noise scale B_simple and the batch size")
-    axes[1].set_xlabel("step")
-    fig.tight_layout()
-    return fig
-
-
-def through_time(data: ReportData) -> Figure | None:
-    """‖∂L/∂x_t‖ over the time steps of each recurrent module's input, early/middle/late."""
-    profiles = {name: p for name, p in data.through_time.items() if np.isfinite(p).any()}
-    if not profiles:
-        return None
-    shown = list(profiles.items())[:MAX_RECURRENT]
-    fig, axes = plt.subplots(1, len(shown), figsize=(6 * len(shown), 4), squeeze=False)
-    types = dict(zip(data.modules, data.module_types, strict=True))
-    for ax, (name, profile) in zip(axes[0], shown, strict=True):
-        for label, line in _windows(data, profile):
-            ax.plot(line, marker=".", label=label)
-        _log_scale(ax, profile)
-        ax.set_title(f"{_label(name)} ({types.get(name, '?')}): ‖∂L/∂x_t‖ (probe steps)")
-        ax.set_xlabel("time step of the input sequence (first left, last right)")
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
-
-
-def attention(data: ReportData) -> Figure | None:
-    """Per attention module, the max attention logit and the lowest head entropy over the probe
-    steps, with the output logits' mean log Z when a cross-entropy ran."""
-    largest, entropy = data.series("attn_max_logit"), data.series("attn_entropy")
-    if largest is None or entropy is None or not np.isfinite(largest).any():
-        return None
-    names = data.run.attention_modules
-    lse = data.series("logit_lse")
-    panels = 3 if lse is not None and np.isfinite(lse).any() else 2
-    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4))
-    for c, name in enumerate(names[:MAX_ATTENTION]):
-        rows = np.isfinite(largest[:, c])
-        axes[0].plot(data.steps[rows], largest[rows, c], marker=".", label=_label(name))
-        axes[1].plot(data.steps[rows], entropy[rows, c], marker=".", label=_label(name))
-    _log_scale(axes[0], largest)
-    axes[0].set_title("max attention logit |q·k|/√d (probe steps)")
-    axes[1].set_title("lowest head entropy, mean over queries (nats)")
-    for ax in axes[:2]:
-        ax.set_xlabel("step")
-        ax.legend(fontsize=8)
-    if panels == 3:
-        rows = np.isfinite(lse)
-        axes[2].plot(data.steps[rows], lse[rows], marker=".", color="black")
-        axes[2].axhline(0, color="gray", lw=0.5)
-        axes[2].set_title("output logits: mean log Z (logsumexp)")
-        axes[2].set_xlabel("step")
     fig.tight_layout()
     return fig
 

@@ -16,9 +16,10 @@ import torch
 from torch import Tensor, nn
 
 from gradwatch.stats.captured_attention import capturable, swap_in, swap_out
-from gradwatch.stats.flow import first_tensor
 from gradwatch.stats.ghost_norms import Call
 from gradwatch.stats.hooks import Shield, unshielded
+from gradwatch.stats.module_outputs import first_tensor
+from gradwatch.structures import map_floating
 
 
 class Capture:
@@ -122,7 +123,7 @@ class Capture:
                 if signal is None:
                     return
             self.passes[-1].setdefault(name, []).append(
-                Call(_detached(args), _detached(kwargs), signal)
+                Call(map_floating(args, Tensor.detach), map_floating(kwargs, Tensor.detach), signal)
             )
 
         return hook
@@ -138,15 +139,3 @@ class Capture:
 
 def _add_into(buffer: Tensor, grad: Tensor) -> None:
     buffer.add_(grad)
-
-
-def _detached(value: Any) -> Any:
-    if isinstance(value, Tensor):
-        return value.detach()
-    if isinstance(value, tuple) and not hasattr(value, "_fields"):
-        return tuple(_detached(v) for v in value)
-    if isinstance(value, list):
-        return [_detached(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _detached(v) for k, v in value.items()}
-    return value

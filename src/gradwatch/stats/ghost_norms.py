@@ -40,7 +40,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from gradwatch.stats.flow import first_tensor
+from gradwatch.stats.module_outputs import first_tensor
 
 _NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm) + (
     (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
