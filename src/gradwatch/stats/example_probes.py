@@ -47,8 +47,9 @@ class ExampleProbes:
     rank order (the ranks' batch sizes first, read on the host: one sync per probe step), so the
     statistics are the global batch's. The noise scale needs the global batch's mean gradient
     G: DDP's averaged gradient when the ranks' batches are equal (or `reduction="sum"`); when
-    they differ, G = Σ_r (B_r/N)·G_r from each rank's own gradient G_r (`LocalGradients`: a copy
-    of the gradients and one more all-reduce of them, on probe steps of such runs only). Under
+    they differ, G = Σ_r (B_r/N)·G_r from each rank's own gradient G_r (`LocalGradients`: a kept
+    copy of the gradients, added into on probe steps under DDP, and one more all-reduce of it
+    when the batches differ). Under
     FSDP2 the ranks' own gradients are out of reach: with unequal batches B_simple is NaN.
     """
 
