@@ -470,6 +470,32 @@ def test_attention_dropout_norms_equal_per_example_gradients_with_the_steps_mask
     assert type(model.attention) is nn.MultiheadAttention  # the swap is undone
 
 
+def test_watch_records_the_steps_own_norms_under_attention_dropout(tmp_path):
+    """gw.watch(per_example=True) on a model with attention dropout: no tensor left out, and
+    the probe step's norms are those of the step itself (per-example gradients through one
+    forward of torch's own modules under the same seed, as above)."""
+    torch.manual_seed(0)
+    model = DropoutAttention("self", False, True).train()
+    tokens = torch.randint(1, 11, (6, 5))
+    targets = torch.randint(0, 11, (6, 5))
+    params = dict(model.named_parameters())
+    torch.manual_seed(3)
+    out = model(tokens)
+    losses = nn.functional.cross_entropy(out.transpose(1, 2), targets, reduction="none").mean(1)
+    rows = [torch.autograd.grad(loss, list(params.values()), retain_graph=True) for loss in losses]
+    totals = torch.stack([sum(g.square().sum() for g in row) for row in rows]).sqrt()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.manual_seed(3)
+        run, _ = watch_steps(model, [(tokens, targets)], tmp_path)
+    assert not [w for w in caught if "gradwatch" in str(w.message)]  # none left out
+    np.testing.assert_allclose(run.series("pe_total_max"), [float(totals.max())], rtol=1e-4)
+    median = float(torch.quantile(totals, 0.5))
+    np.testing.assert_allclose(run.series("pe_total_p50"), [median], rtol=1e-4)
+    assert run.series("pe_total_argmax")[0] == int(totals.argmax())
+    assert np.isfinite(run.series("pe_norm_max")).all()
+
+
 def test_captured_attention_is_torchs_own_class_in_copies_and_pickles(tmp_path):
     import pickle
 
