@@ -80,44 +80,27 @@ class Watcher:
         self.model = model
         self.optimizer = optimizer
         self.config = config
-        self.inventory = Inventory(model)
+        self.inventory = inventory = Inventory(model)
         topo = self._topology
-        self._collective_device = collective_device(topo, self.inventory.device)
-        self._writer = open_store(
-            topo,
-            config.run_dir,
-            fingerprint(config, self._guards, self.inventory),
-            self._collective_device,
-        )
+        self._collective_device = device = collective_device(topo, inventory.device)
+        identity = fingerprint(config, self._guards, inventory)
+        self._writer = open_store(topo, config.run_dir, identity, device)
         self.run_dir = Path(config.run_dir)
         shield = self._failsafe.shield
         self._module_probes = ModuleProbes(
-            model, self.inventory.device, topo.ranks, topo.rank, topo.world_size, shield=shield
+            model, inventory.device, topo.ranks, topo.rank, topo.world_size, shield=shield
         )
         self._probe_records = ProbeRecords(
-            model, self.inventory, self._module_probes, topo, config, shield=shield
+            model, inventory, self._module_probes, topo, config, shield=shield
         )
         self._publisher = Publisher(self._writer, self._guards, sinks)  # starts at 1st flush
-        self._block = RecordedBlock(
-            self.inventory,
-            len(self._module_probes.names),
-            config.flush_every,
-            topo,
-            self._collective_device,
-        )
+        modules = len(self._module_probes.names)
+        self._block = RecordedBlock(inventory, modules, config.flush_every, topo, device)
+        probes = (self._module_probes, self._probe_records)
         self._recorder = StepRecorder(
-            model,
-            optimizer,
-            config,
-            self.inventory,
-            topo,
-            self._guards,
-            self._block,
-            (self._module_probes, self._probe_records),
-            flush=self._flush,
-            write_event=lambda event: self._writer.write_events([event]),
-            shield=self._failsafe.shield,
-        )
+            model, optimizer, config, inventory, topo, self._guards, self._block, probes,
+            flush=self._flush, write_event=self._write_event, shield=shield,
+        )  # fmt: skip
         self._hooks: list[Any] = []
         self._closed = False
 
@@ -253,6 +236,9 @@ class Watcher:
                 self.optimizer.register_step_post_hook(self._step_hook(self._after_update))
             )
         self._recorder.start()
+
+    def _write_event(self, event: Any) -> None:
+        self._writer.write_events([event])
 
     def _after_update(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         """The step post-hook."""

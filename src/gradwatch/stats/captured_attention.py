@@ -140,6 +140,65 @@ def _projected(
     )
 
 
+def _sequence_first(query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Batch-first inputs as [L, B, E], each distinct tensor transposed once, as torch does (so
+    that `_projected` sees which of them are the same tensor)."""
+    if key is value and query is key:
+        query = query.transpose(1, 0)
+        return query, query, query
+    if key is value:
+        key = key.transpose(1, 0)
+        return query.transpose(1, 0), key, key
+    return query.transpose(1, 0), key.transpose(1, 0), value.transpose(1, 0)
+
+
+def _masks(
+    query: Tensor,
+    key_padding_mask: Tensor | None,
+    attn_mask: Tensor | None,
+    need_weights: bool,
+    is_causal: bool,
+) -> tuple[Tensor | None, Tensor | None, bool]:
+    """The masks and the causal flag as `F.multi_head_attention_forward` makes them."""
+    key_padding_mask = F._canonical_mask(
+        mask=key_padding_mask, mask_name="key_padding_mask",
+        other_type=F._none_or_dtype(attn_mask), other_name="attn_mask", target_type=query.dtype,
+    )  # fmt: skip
+    if is_causal and attn_mask is None:
+        raise RuntimeError("Need attn_mask if specifying the is_causal hint.")
+    if is_causal and key_padding_mask is None and not need_weights:
+        return key_padding_mask, None, is_causal
+    attn_mask = F._canonical_mask(
+        mask=attn_mask, mask_name="attn_mask", other_type=None, other_name="",
+        target_type=query.dtype, check_other=False,
+    )  # fmt: skip
+    return key_padding_mask, attn_mask, is_causal and key_padding_mask is None
+
+
+def _weighted(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    attn_mask: Tensor | None,
+    dropout: float,
+    shape: tuple[int, int, int],
+) -> tuple[Tensor, Tensor]:
+    """need_weights: softmax, dropout and bmm, as torch does; the merged heads [L·B, E] and the
+    weights [B, H, L, S]. The softmax runs over [B, H, L, S] (the same values), so that the
+    attention probes see the heads."""
+    batch, heads, length = shape
+    keys = k.shape[1]
+    scores = torch.bmm(q * math.sqrt(1.0 / float(q.shape[-1])), k.transpose(-2, -1))
+    if attn_mask is not None:
+        scores = scores + attn_mask
+    weights = F.softmax(scores.view(batch, heads, length, keys), dim=-1)
+    weights = weights.view(batch * heads, length, keys)
+    if dropout > 0.0:
+        weights = F.dropout(weights, p=dropout)
+    merged = torch.bmm(weights, v).transpose(0, 1).reshape(length * batch, heads * q.shape[-1])
+    return merged, weights.view(batch, heads, length, keys)
+
+
 def _attention(
     module: nn.MultiheadAttention,
     record: Any,
@@ -153,31 +212,13 @@ def _attention(
     is_causal: bool,
 ) -> tuple[Tensor, Tensor | None]:
     """torch's `nn.MultiheadAttention.forward` for batched inputs in training, written out."""
-    if module.batch_first:  # transposed once per distinct tensor, as torch does
-        if key is value and query is key:
-            query = key = value = query.transpose(1, 0)
-        elif key is value:
-            query, key = query.transpose(1, 0), key.transpose(1, 0)
-            value = key
-        else:
-            query, key, value = (x.transpose(1, 0) for x in (query, key, value))
+    if module.batch_first:
+        query, key, value = _sequence_first(query, key, value)
     length, batch, width = query.shape
     heads = module.num_heads
-    key_padding_mask = F._canonical_mask(
-        mask=key_padding_mask, mask_name="key_padding_mask",
-        other_type=F._none_or_dtype(attn_mask), other_name="attn_mask", target_type=query.dtype,
-    )  # fmt: skip
-    if is_causal and attn_mask is None:
-        raise RuntimeError("Need attn_mask if specifying the is_causal hint.")
-    if is_causal and key_padding_mask is None and not need_weights:
-        attn_mask = None
-    else:
-        attn_mask = F._canonical_mask(
-            mask=attn_mask, mask_name="attn_mask", other_type=None, other_name="",
-            target_type=query.dtype, check_other=False,
-        )  # fmt: skip
-        if key_padding_mask is not None:
-            is_causal = False
+    key_padding_mask, attn_mask, is_causal = _masks(
+        query, key_padding_mask, attn_mask, need_weights, is_causal
+    )
     q, k, v = _projected(module, record, query, key, value)
     if attn_mask is not None and attn_mask.dim() == 2:
         attn_mask = attn_mask.unsqueeze(0)
@@ -196,16 +237,7 @@ def _attention(
     dropout = module.dropout if module.training else 0.0
     weights = None
     if need_weights:
-        scores = torch.bmm(q * math.sqrt(1.0 / float(head_dim)), k.transpose(-2, -1))
-        if attn_mask is not None:
-            scores = scores + attn_mask
-        # softmax over [B, H, L, S] (the same values): the attention probes see the heads
-        weights = F.softmax(scores.view(batch, heads, length, keys), dim=-1)
-        weights = weights.view(batch * heads, length, keys)
-        if dropout > 0.0:
-            weights = F.dropout(weights, p=dropout)
-        merged = torch.bmm(weights, v).transpose(0, 1).reshape(length * batch, width)
-        weights = weights.view(batch, heads, length, keys)
+        merged, weights = _weighted(q, k, v, attn_mask, dropout, (batch, heads, length))
         if average_attn_weights:
             weights = weights.mean(dim=1)
     else:
