@@ -53,7 +53,7 @@ BELOW = ("stats", "detect", "guards", "sinks", "report")
 BELOW_MODULES = (
     "config", "distributed", "errors", "extras", "gradcheck_math", "gradcheck_report", "inventory",
     "probe_records", "publishing", "recorded_block", "run_reader", "run_start", "run_writer",
-    "store", "structures", "version",
+    "script_models", "step_recorder", "store", "structures", "version",
 )  # fmt: skip
 
 
@@ -81,3 +81,24 @@ def test_imports_run_one_way():
                 if n in ("gradwatch", "gradwatch.watcher")
             ]
     assert files and not upward, upward
+
+
+def test_no_source_file_over_400_lines_and_no_function_over_60():
+    """The house's size rules (issue 27): rooms a newcomer can read."""
+    import ast
+    from pathlib import Path
+
+    import gradwatch
+
+    package = Path(gradwatch.__file__).parent
+    long_files, long_functions = [], []
+    for path in sorted(package.rglob("*.py")):
+        text = path.read_text()
+        if len(text.splitlines()) > 400:
+            long_files.append(str(path.relative_to(package)))
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                if length > 60:
+                    long_functions.append(f"{path.relative_to(package)}:{node.name} ({length})")
+    assert not long_files and not long_functions, (long_files, long_functions)
