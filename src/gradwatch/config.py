@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from gradwatch.arguments import count
 from gradwatch.guards.base import Guard
 from gradwatch.inventory import optimizer_parameters
 
@@ -61,10 +62,8 @@ class WatchConfig:
             value = getattr(self, name)
             if name in ("probe_every", "histogram_every") and value is None:
                 continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                optional = name in ("probe_every", "histogram_every")
-                hint = " (or None to turn them off)" if optional else ""
-                raise ValueError(f"{name} must be an int >= 1{hint}, got {value!r}")
+            optional = name in ("probe_every", "histogram_every")
+            count(name, value, " (or None to turn them off)" if optional else "")
 
     # The schedule: which steps are recorded, probed, and count histograms.
     def records(self, step: int) -> bool:

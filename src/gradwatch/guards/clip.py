@@ -15,14 +15,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from gradwatch.arguments import count, positive
 from gradwatch.guards.base import Event, Guard, GuardContext, clip_events
 from gradwatch.stats.grads import max_abs
-
-
-def _positive(name: str, value: float) -> float:
-    if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    return float(value)
 
 
 def _clip_to(ctx: GuardContext, label: str, norm: Tensor, threshold: Tensor | float) -> None:
@@ -54,7 +49,7 @@ class ClipNorm(Guard):
     """
 
     def __init__(self, max_norm: float, norm_type: float = 2.0) -> None:
-        self.max_norm = _positive("max_norm", max_norm)
+        self.max_norm = positive("max_norm", max_norm)
         self.norm_type = float(norm_type)
         if not (self.norm_type == math.inf or self.norm_type > 0):
             raise ValueError(f"norm_type must be > 0 or inf, got {norm_type!r}")
@@ -92,7 +87,7 @@ class ClipValue(Guard):
     """
 
     def __init__(self, clip_value: float) -> None:
-        self.clip_value = _positive("clip_value", clip_value)
+        self.clip_value = positive("clip_value", clip_value)
         self.label = "ClipValue"
 
     def apply(self, ctx: GuardContext) -> None:
@@ -126,8 +121,8 @@ class AGC(Guard):
     """
 
     def __init__(self, clipping: float = 0.01, eps: float = 1e-3, exclude: Sequence[str] = ()):
-        self.clipping = _positive("clipping", clipping)
-        self.eps = _positive("eps", eps)
+        self.clipping = positive("clipping", clipping)
+        self.eps = positive("eps", eps)
         if isinstance(exclude, str):
             exclude = (exclude,)
         self.exclude = tuple(exclude)
@@ -268,11 +263,9 @@ class ZClip(Guard):
     ) -> None:
         if not 0 < alpha < 1:
             raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
-        if not isinstance(warmup, int) or warmup < 1:
-            raise ValueError(f"warmup must be an int >= 1, got {warmup!r}")
         self.alpha = float(alpha)
-        self.z_threshold = _positive("z_threshold", z_threshold)
-        self.warmup = warmup
+        self.z_threshold = positive("z_threshold", z_threshold)
+        self.warmup = count("warmup", warmup)
         self.eps = float(eps)
         self.label = "ZClip"
         self._seen = 0

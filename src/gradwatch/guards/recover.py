@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from gradwatch.arguments import count
 from gradwatch.distributed import local_tensor, shard_like
 from gradwatch.guards.base import Event, Guard, GuardContext, StopTraining
 from gradwatch.inventory import optimizer_parameters
@@ -142,8 +143,7 @@ class Rollback(Guard):
             ("window", window),
             ("max_skips", max_skips),
         ):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+            count(name, value)
         if not 0 < lr_factor <= 1:
             raise ValueError(f"lr_factor must be in (0, 1], got {lr_factor!r}")
         if not divergence > 1:

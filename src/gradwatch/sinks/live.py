@@ -20,6 +20,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from gradwatch.arguments import count
 from gradwatch.detect.findings import Finding
 from gradwatch.stats.attention import ATTENTION, ATTENTION_STATS
 from gradwatch.stats.buffer import StatsBlock
@@ -43,9 +44,7 @@ class LiveMetrics:
     """Turns blocks into per-step metric dicts and remembers which findings were sent."""
 
     def __init__(self, layers: int = DEFAULT_LAYERS) -> None:
-        if not isinstance(layers, int) or layers < 1:
-            raise ValueError(f"layers must be an int >= 1, got {layers!r}")
-        self.layers = layers
+        self.layers = count("layers", layers)
         self._sent: set[tuple[str, str]] = set()
 
     def rows(
