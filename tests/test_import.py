@@ -52,8 +52,8 @@ def test_watching_loads_dynamo_so_compiled_models_skip_the_hooks_frames():
 BELOW = ("stats", "detect", "guards", "sinks", "report")
 BELOW_MODULES = (
     "arguments", "config", "distributed", "errors", "extras", "gradcheck_math", "gradcheck_report",
-    "inventory", "probe_records", "publishing", "recorded_block", "run_reader", "run_start", "run_writer",
-    "script_models", "step_recorder", "store", "structures", "version",
+    "inventory", "probe_records", "publishing", "recorded_block", "run_reader", "run_start",
+    "run_writer", "script_models", "step_recorder", "store", "structures", "version",
 )  # fmt: skip
 
 
