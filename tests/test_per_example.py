@@ -496,6 +496,56 @@ def test_watch_records_the_steps_own_norms_under_attention_dropout(tmp_path):
     assert np.isfinite(run.series("pe_norm_max")).all()
 
 
+def test_multihead_attention_watched_as_the_root_module():
+    """The attention module itself as the model (its name is ""): its in-projection and
+    out_proj are found under their own names."""
+    torch.manual_seed(0)
+    attention = nn.MultiheadAttention(8, 2, dropout=0.2, batch_first=True)
+    x = torch.randn(3, 4, 8)
+    params = dict(attention.named_parameters())
+    torch.manual_seed(1)
+    losses = attention(x, x, x)[0].square().mean(dim=(1, 2))
+    rows = [torch.autograd.grad(loss, list(params.values()), retain_graph=True) for loss in losses]
+    torch.manual_seed(1)
+    found = gw.per_example_grad_norms(attention, lambda out: out[0].square().mean(), x, x, x)
+    assert found.skipped == {}
+    for k, name in enumerate(params):
+        expected = torch.stack([row[k].norm() for row in rows])
+        torch.testing.assert_close(found.per_tensor[name], expected, rtol=1e-4, atol=1e-8)
+
+
+def test_a_fault_in_the_written_out_attention_never_breaks_the_step(tmp_path, monkeypatch, caplog):
+    """gradwatch's own fault inside the written-out attention: torch's forward gives the step's
+    output, the watcher stops watching and says why; the user's own bad argument still gets
+    torch's error, and the watcher is not blamed."""
+    from gradwatch.stats import captured_attention
+
+    torch.manual_seed(0)
+    model = DropoutAttention("self", False, True).eval()  # no dropout: outputs comparable
+    tokens = torch.randint(1, 11, (4, 5))
+    expected = model(tokens)
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("an injected fault in gradwatch")
+
+    monkeypatch.setattr(captured_attention, "_projected", broken)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    with gw.watch(model, optimizer, run_dir=tmp_path / "run", probe_every=1, per_example=True):
+        torch.testing.assert_close(model(tokens), expected)
+    reports = [r.getMessage() for r in caplog.records if "goes on unwatched" in r.getMessage()]
+    assert len(reports) == 1 and "an injected fault in gradwatch" in reports[0]
+    monkeypatch.undo()
+    caplog.clear()
+    attention = nn.MultiheadAttention(16, 4, batch_first=True)
+    with gw.watch(attention, run_dir=tmp_path / "user", per_example=True) as w:
+        x = torch.randn(2, 3, 16)
+        with pytest.raises(RuntimeError):  # an attn_mask of the wrong shape: torch's own error
+            attention(x, x, x, attn_mask=torch.zeros(5, 5, dtype=torch.bool))
+        attention(x, x, x)[0].sum().backward()
+        w.step()
+    assert not [r for r in caplog.records if "goes on unwatched" in r.getMessage()]
+
+
 def test_captured_attention_is_torchs_own_class_in_copies_and_pickles(tmp_path):
     import pickle
 

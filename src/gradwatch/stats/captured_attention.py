@@ -76,17 +76,23 @@ class CapturedMultiheadAttention(nn.MultiheadAttention):
         average_attn_weights: bool = True,
         is_causal: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
+        arguments = (
+            query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights,
+            is_causal,
+        )  # fmt: skip
         captures = [(c, n) for c, n in _CAPTURES.get(id(self), []) if c.active and c.passes]
         if not captures or not torch.is_grad_enabled() or query.dim() != 3:
-            return nn.MultiheadAttention.forward(
-                self, query, key, value, key_padding_mask, need_weights, attn_mask,
-                average_attn_weights, is_causal,
-            )  # fmt: skip
-        record = functools.partial(_record, captures)
-        return _attention(
-            self, record, query, key, value, key_padding_mask, need_weights, attn_mask,
-            average_attn_weights, is_causal,
-        )  # fmt: skip
+            return nn.MultiheadAttention.forward(self, *arguments)
+        try:
+            return _attention(self, functools.partial(_record, captures), *arguments)
+        except Exception as exc:
+            # torch's own forward decides whose fault it is: it raises on the user's arguments
+            # (and its error is the one to see); if it runs, the fault is gradwatch's, reported
+            # through each capture (a watcher stops watching; the training goes on).
+            out = nn.MultiheadAttention.forward(self, *arguments)
+            for capture, _ in captures:
+                capture.fail(exc)
+            return out
 
     def __reduce_ex__(self, protocol: Any) -> Any:
         # copies and pickles are torch's own class: the swap belongs to this process's watch
@@ -96,19 +102,21 @@ class CapturedMultiheadAttention(nn.MultiheadAttention):
 
 def _record(
     captures: list[tuple[Any, str]],
-    suffix: str,
+    part: str,
     x: Tensor,
     y: Tensor,
     rows: tuple[int, int] | None,
 ) -> None:
-    """Record a linear map's call for every capture: its input `x` and a buffer that the step's
-    backward fills with the signal at its output `y`, both [L, B, ...] (sequence first)."""
+    """Record a linear map's call for every capture, under the module's name (`part` "") or
+    its `out_proj`'s: its input `x` and where the step's backward puts the signal at its output
+    `y`, both [L, B, ...] (sequence first)."""
     for capture, name in captures:
         signal = capture.keep_signal(y)
         if signal is None:
             continue
         call = Call((x.detach().transpose(0, 1),), {}, signal, rows=rows, batch_first=True)
-        capture.passes[-1].setdefault(f"{name}{suffix}", []).append(call)
+        owner = ".".join(n for n in (name, part) if n)  # the module's name ("" for the root)
+        capture.passes[-1].setdefault(owner, []).append(call)
 
 
 def _projected(
@@ -253,5 +261,5 @@ def _attention(
         merged = out.permute(2, 0, 1, 3).reshape(batch * length, width)
     projected = F.linear(merged, module.out_proj.weight, module.out_proj.bias)
     out = projected.view(length, batch, projected.size(1))
-    record(".out_proj", merged.view(length, batch, width), out, None)
+    record("out_proj", merged.view(length, batch, width), out, None)
     return (out.transpose(1, 0) if module.batch_first else out), weights
