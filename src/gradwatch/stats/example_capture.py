@@ -48,7 +48,7 @@ class Capture:
             if capturable(module):  # records its linear maps itself: no hooks in it
                 swap_in(module, self, name)
                 self._swapped.append(module)
-                inside = (*inside, f"{name}.")
+                inside = (*inside, f"{name}." if name else "")  # "": the root, so all
             elif any(p.requires_grad for p in module.parameters(recurse=False)):
                 self._handles.append(
                     module.register_forward_hook(shield(self._record(name)), with_kwargs=True)
