@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from overhead import Stepper, gradwatch_variant, plain, run_benchmark
 from workloads import Workload
 
+from gradwatch.distributed import Topology
 from gradwatch.stats.example_probes import ExampleProbes
 
 
@@ -40,7 +41,7 @@ class CustomStep:
 @contextlib.contextmanager
 def gradwatch_ghost_norms(work: Workload, tmp: Path) -> Iterator[Stepper]:
     names = [n for n, p in work.model.named_parameters() if p.requires_grad]
-    probes = ExampleProbes(work.model, names, "mean", work.inputs.device)
+    probes = ExampleProbes(work.model, names, "mean", work.inputs.device, Topology())
     step_square = torch.zeros((), device=work.inputs.device)
     probes.attach()
     probes.active = True

@@ -514,6 +514,23 @@ def test_multihead_attention_watched_as_the_root_module():
         torch.testing.assert_close(found.per_tensor[name], expected, rtol=1e-4, atol=1e-8)
 
 
+def test_a_failed_capture_set_up_leaves_no_swapped_class_or_hook(monkeypatch):
+    from gradwatch.stats.example_capture import Capture
+
+    model = DropoutAttention("self", False, True)
+    before = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("no more hooks")
+
+    monkeypatch.setattr(nn.Linear, "register_forward_hook", refuse)  # after the swap
+    with pytest.raises(RuntimeError, match="no more hooks"):
+        Capture(model)
+    assert type(model.attention) is nn.MultiheadAttention
+    after = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+    assert after == before
+
+
 def test_a_fault_in_the_written_out_attention_never_breaks_the_step(tmp_path, monkeypatch, caplog):
     """gradwatch's own fault inside the written-out attention: torch's forward gives the step's
     output, the watcher stops watching and says why; the user's own bad argument still gets

@@ -181,9 +181,10 @@ class ProbeRecords:
         mode, self.module_probes.mode = self.module_probes.mode, ProbeMode.IDLE
         self.time_probes.probe = self.attention.probe = False
         try:
-            # under FSDP2 the row holds this rank's shards' norms until the flush
-            step_square = self.topology.shards.sum(batch_square.reshape(1)).reshape(())
-            found = self.examples.record(step_square)
+            # under FSDP2 the row holds this rank's shards' norms until the flush: the step
+            # gradient's squared norm is their sum over the shard group (one all-reduce)
+            whole = self.topology.shards.sum(batch_square.reshape(1).clone()).reshape(())
+            found = self.examples.record(whole)
         finally:
             self.module_probes.mode = mode
             self.time_probes.probe = self.attention.probe = self._probe

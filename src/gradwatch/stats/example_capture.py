@@ -41,6 +41,13 @@ class Capture:
         self._left_out: list[str] = []
         self._handles: list[Any] = [model.register_forward_pre_hook(shield(self._new_pass))]
         self._swapped: list[nn.Module] = []
+        try:
+            self._hook(model, shield)
+        except BaseException:  # no swapped class or hook is left behind a failed set-up
+            self.remove()
+            raise
+
+    def _hook(self, model: nn.Module, shield: Shield) -> None:
         inside: tuple[str, ...] = ()  # the names under a swapped module: it records them
         for name, module in model.named_modules():
             if name.startswith(inside):

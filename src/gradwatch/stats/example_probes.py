@@ -20,8 +20,6 @@ from gradwatch.stats.hooks import Shield, unshielded
 from gradwatch.stats.noise_scale import NoiseScale
 from gradwatch.stats.per_example import UNREACHED, example_squares
 
-LOCAL_TOPOLOGY = Topology()
-
 # The scalars a probe step with per_example records (besides `NOISE_SCALARS`).
 EXAMPLE_SCALARS: tuple[str, ...] = (
     "pe_examples",
@@ -59,7 +57,7 @@ class ExampleProbes:
         names: list[str],
         reduction: str,
         device: torch.device,
-        topology: Topology = LOCAL_TOPOLOGY,
+        topology: Topology,
         *,
         shield: Shield = unshielded,
     ) -> None:
